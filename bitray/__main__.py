@@ -1,0 +1,5 @@
+import sys
+
+from bitray.cli import main
+
+sys.exit(main())
