@@ -134,7 +134,9 @@ def matches(name: str, extensions: Iterable[str] | None) -> bool:
     if extensions is None:
         return True
     lower = name.lower()
-    return any(lower.endswith(ext.lower() if ext.startswith(".") else f".{ext.lower()}") for ext in extensions)
+    return any(
+        lower.endswith(ext.lower() if ext.startswith(".") else f".{ext.lower()}") for ext in extensions
+    )
 
 
 def list_objects(
@@ -166,17 +168,24 @@ def _list_local(uri: str, exts: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
         return
     if not root.is_dir():
         raise BitrayError(f"input {uri!r} does not exist; check the path")
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if not matches(name, exts):
-                continue
-            path = Path(dirpath) / name
+    yield from _walk_sorted(root, exts)
+
+
+def _walk_sorted(directory: Path, exts: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
+    """Depth-first in name order, so local listings come out in the same key order as S3's."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError:
+        return  # removed or unreadable while listing
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=True):
+            yield from _walk_sorted(Path(entry.path), exts)
+        elif matches(entry.name, exts):
             try:
-                st = path.stat()
+                st = entry.stat()
             except OSError:
                 continue  # removed while listing: not an input of this run
-            yield ObjectInfo(str(path), st.st_size, st.st_mtime_ns)
+            yield ObjectInfo(entry.path, st.st_size, st.st_mtime_ns)
 
 
 def _list_s3(uri: str, exts: tuple[str, ...] | None, storage: StorageConfig) -> Iterator[ObjectInfo]:
@@ -337,7 +346,10 @@ def copy_to_local(uri: str, storage: StorageConfig | None = None, cache_dir: Pat
     try:
         # copy_files copies a single file or a whole directory tree alike
         pafs.copy_files(
-            src, str(staging / target.name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+            src,
+            str(staging / target.name),
+            source_filesystem=fs,
+            destination_filesystem=pafs.LocalFileSystem(),
         )
         os.replace(staging / target.name, target)
     except OSError as exc:
@@ -345,3 +357,25 @@ def copy_to_local(uri: str, storage: StorageConfig | None = None, cache_dir: Pat
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def delete(uri: str, storage: StorageConfig | None = None) -> None:
+    """Remove one file or object; a missing one is not an error."""
+    fs, path = filesystem_for(uri, storage)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            raise BitrayError(f"cannot delete {uri!r}: {exc}") from None
+
+
+def list_names(uri: str, storage: StorageConfig | None = None) -> list[str]:
+    """The sorted names directly under a directory or prefix; empty when it does not exist."""
+    fs, path = filesystem_for(uri, storage)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    except OSError as exc:
+        raise BitrayError(f"cannot list {uri!r}: {exc}") from None
+    return sorted(info.base_name for info in infos)
