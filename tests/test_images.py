@@ -1,0 +1,281 @@
+"""bitray.images over the bad/odd input corpus of issue 3, plus the decode and resize decisions."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from image_corpus import (
+    EXPECTED,
+    cmyk_source,
+    corpus,
+    exif_rotated_jpeg,
+    grey16,
+    photo,
+    png_header_only,
+    rgb16,
+)
+from PIL import Image, ImageFile
+
+from bitray.errors import BitrayError
+from bitray.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    decode_image,
+    load_for_model,
+    resize_for_model,
+    resize_pixels,
+)
+
+ITEMS = corpus()
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    """Plain Pillow decode, no orientation: the reference for what the file stores."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@pytest.mark.parametrize("name", sorted(ITEMS))
+def test_every_corpus_item_ends_as_pixels_or_a_readable_error(name: str) -> None:
+    item = ITEMS[name]
+    if item.expected == "embedded":
+        decoded = decode_image(item.data)
+        assert decoded.pixels.dtype == np.uint8
+        assert decoded.pixels.shape == (*item.shape, 3)
+        assert (decoded.width, decoded.height) == item.stored_size
+        reduced = decode_image(item.data, min_size=(32, 32))  # JPEGs at 1/2 scale, the rest unchanged
+        assert (reduced.width, reduced.height) == item.stored_size
+        assert min(reduced.pixels.shape[:2]) >= min(32, *item.shape)
+    else:
+        with pytest.raises(ImageDecodeError) as caught:
+            decode_image(item.data, min_size=(32, 32))
+        with pytest.raises(ImageDecodeError) as caught:
+            decode_image(item.data)
+        message = str(caught.value)
+        assert item.reason in message.lower(), message
+        assert len(message) < 200 and "object at 0x" not in message and "\n" not in message
+        assert isinstance(caught.value, BitrayError)
+
+
+def test_corpus_covers_issue_3_item_6() -> None:
+    assert set(EXPECTED.values()) == {"embedded", "error"}
+    for needed in (
+        "empty.jpg",
+        "truncated.jpg",
+        "random bytes.jpg",
+        "not-found.png",
+        "notes.png",
+        "alpha.png",
+        "grey16.png",
+        "grey.jpg",
+        "palette.png",
+        "cmyk.jpg",
+        "exif-rotated.jpg",
+        "one-pixel.png",
+        "bomb-40000x40000.png",
+        "animated.gif",
+        "photo.webp",
+        "photo.tiff",
+        "photo.bmp",
+        "name with spaces.jpg",
+        "ünïcödé photo 写真.jpg",
+    ):
+        assert needed in EXPECTED
+    assert len(ITEMS["bomb-40000x40000.png"].data) < 200
+
+
+def test_exif_orientation_6_rotates_clockwise_and_reports_the_stored_size() -> None:
+    data = exif_rotated_jpeg()
+    stored = _pillow_rgb(data)
+    assert stored.shape[1] > stored.shape[0]  # stored landscape
+    decoded = decode_image(data)
+    np.testing.assert_array_equal(decoded.pixels, np.rot90(stored, k=-1))
+    assert (decoded.width, decoded.height) == (stored.shape[1], stored.shape[0])
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_broken_exif_does_not_reject_a_good_photo() -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(photo("coffee")).save(
+        buffer, "JPEG", exif=b"Exif\x00\x00II*\x00\xff\xff\xff\x7f" + b"\x00" * 8
+    )
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.pixels.shape == (*photo("coffee").shape[:2], 3)
+
+
+def test_16_bit_grey_is_scaled_not_clipped() -> None:
+    source = grey16()
+    pixels = decode_image(ITEMS["grey16.png"].data).pixels
+    assert pixels[0, 0].tolist() == [255, 255, 255]  # 65535
+    assert pixels[0, 1].tolist() == [128, 128, 128]  # 32768
+    expected = np.rint(source / 257).astype(np.uint8)
+    np.testing.assert_array_equal(pixels[..., 0], expected)
+    np.testing.assert_array_equal(pixels[1:, :, 0], photo("camera")[1:])
+    assert np.unique(pixels).size > 100  # clipping would leave almost everything at 255
+
+
+def test_16_bit_colour_is_scaled_not_clipped() -> None:
+    pixels = decode_image(ITEMS["rgb16.png"].data).pixels
+    assert pixels[0, 0].tolist() == [255, 128, 0]  # 65535, 32768, 0
+    np.testing.assert_array_equal(pixels[1:], (rgb16()[1:] // 256).astype(np.uint8))
+    np.testing.assert_array_equal(pixels[1:], photo("coffee")[1:])
+
+
+def test_cmyk_jpeg_comes_back_close_to_the_source_colours() -> None:
+    pixels = decode_image(ITEMS["cmyk.jpg"].data).pixels.astype(np.float32)
+    source = cmyk_source().astype(np.float32)
+    assert np.abs(pixels - source).mean() < 6.0
+    assert np.abs(pixels.mean(axis=(0, 1)) - source.mean(axis=(0, 1))).max() < 3.0
+
+
+def test_alpha_is_composited_on_white() -> None:
+    rgb = photo("astronaut").astype(np.float32)
+    pixels = decode_image(ITEMS["alpha.png"].data).pixels.astype(np.float32)
+    quarter = rgb.shape[1] // 4
+    assert (pixels[:, :quarter] == 255).all()  # alpha 0
+    half = rgb[:, quarter : 2 * quarter] * 128 / 255 + 255 * 127 / 255  # alpha 128
+    assert np.abs(pixels[:, quarter : 2 * quarter] - half).max() <= 1.0
+    np.testing.assert_array_equal(pixels[:, 2 * quarter :], rgb[:, 2 * quarter :])  # opaque
+
+
+def test_transparent_palette_index_becomes_white() -> None:
+    data = ITEMS["palette-transparent.png"].data
+    indices = np.asarray(Image.open(io.BytesIO(data)))
+    pixels = decode_image(data).pixels
+    assert (indices == 0).any()
+    assert (pixels[indices == 0] == 255).all()
+    assert not (pixels[indices != 0] == 255).all()
+
+
+@pytest.mark.parametrize("name", ["animated.gif", "animated.webp"])
+def test_animation_gives_its_first_frame(name: str) -> None:
+    first = photo("chelsea").astype(np.float32)
+    pixels = decode_image(ITEMS[name].data).pixels.astype(np.float32)
+    assert np.abs(pixels - first).mean() < 12.0  # lossy / 256-colour encodings of frame 0
+    assert np.abs(pixels - (255 - first)).mean() > 50.0  # not frame 1
+
+
+def test_truncated_jpeg_is_an_error_even_if_pillow_was_told_to_accept_it(monkeypatch) -> None:
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ImageDecodeError, match="truncated JPEG data"):
+        decode_image(ITEMS["truncated.jpg"].data)
+
+
+@pytest.mark.parametrize("fmt", ["TGA", "EPS"])
+def test_formats_outside_the_list_are_refused(fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(photo("coffee")).save(buffer, fmt)
+    Image.open(io.BytesIO(buffer.getvalue()))  # Pillow on its own would open it
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        decode_image(buffer.getvalue())
+
+
+def _allocated_mb() -> float:
+    return Image.core.get_stats()["allocated_blocks"] * Image.core.get_block_size() / 2**20
+
+
+@pytest.mark.parametrize("width,height", [(40000, 40000), (12000, 12000)])
+def test_bomb_header_is_rejected_before_any_pixel_memory(monkeypatch, width: int, height: int) -> None:
+    # Pillow's own global limit switched off: bitray's per-call check alone must stop it.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    data = png_header_only(width, height)
+    decode_image(ITEMS["one-pixel.png"].data)  # warm up Pillow's plugins
+    before = _allocated_mb()
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data)
+    assert time.perf_counter() - start < 1.0
+    assert _allocated_mb() - before < 50, "Pillow allocated image memory for a bomb"
+    message = str(caught.value)
+    assert f"{width}x{height}" in message and "over the limit" in message and "max_pixels" in message
+
+
+def test_pillow_backstop_error_still_reads_well() -> None:
+    with pytest.raises(ImageDecodeError, match=r"1\.6e\+09 pixels, over the limit of 1e\+08"):
+        decode_image(ITEMS["bomb-40000x40000.png"].data)
+
+
+def test_max_pixels_is_per_call_and_decides_over_pillows_global(monkeypatch) -> None:
+    data = ITEMS["photo.bmp"].data  # 96x64 = 6144 pixels
+    with pytest.raises(ImageDecodeError, match="96x64"):
+        decode_image(data, max_pixels=6000)
+    assert decode_image(data).pixels.shape == (64, 96, 3)  # the default is untouched by that call
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow alone would refuse 6144 pixels
+    assert decode_image(data, max_pixels=10_000).pixels.shape == (64, 96, 3)
+    assert DEFAULT_MAX_PIXELS >= 50_000_000  # 50 MP phone photos decode by default
+
+
+# --- resize ----------------------------------------------------------------------------------------------
+
+
+def _triangle_weights(n_in: int, n_out: int) -> np.ndarray:
+    """Antialiased bilinear: a triangle filter over pixel centres, widened by the downscale factor."""
+    scale = n_in / n_out
+    width = max(scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) * scale
+    distance = np.abs((np.arange(n_in) + 0.5)[None, :] - centres[:, None]) / width
+    weights = np.clip(1.0 - distance, 0.0, None)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 40), (224, 224), (64, 96)])
+def test_resize_matches_an_independent_triangle_filter(size: tuple[int, int]) -> None:
+    pixels = photo("chelsea")
+    out = resize_for_model(pixels, size)
+    assert out.shape == (*size, 3) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    rows, cols = _triangle_weights(pixels.shape[0], size[0]), _triangle_weights(pixels.shape[1], size[1])
+    reference = np.einsum("ih,hwc,jw->ijc", rows, pixels.astype(np.float64), cols) / 255
+    assert np.abs(out - reference).max() <= 1.01 / 255  # Pillow rounds to uint8 between its two passes
+    small = resize_pixels(pixels, size)
+    assert small.dtype == np.uint8
+    np.testing.assert_array_equal(np.round(out * 255).astype(np.uint8), small)  # lossless as uint8
+
+
+def test_resize_edge_cases() -> None:
+    same = photo("coffee")
+    np.testing.assert_allclose(resize_for_model(same, same.shape[:2]), same / 255, atol=1e-7)
+    one = decode_image(ITEMS["one-pixel.png"].data).pixels
+    np.testing.assert_allclose(
+        resize_for_model(one, (32, 32)), np.broadcast_to(one / 255, (32, 32, 3)), atol=1e-7
+    )
+    with pytest.raises(ValueError, match="uint8"):
+        resize_for_model(same.astype(np.float32), (32, 32))
+    with pytest.raises(ValueError, match=r"\[h, w, 3\]"):
+        resize_for_model(photo("camera"), (32, 32))
+
+
+def test_load_for_model_is_decode_then_resize() -> None:
+    data = ITEMS["exif-rotated.jpg"].data
+    expected = resize_for_model(decode_image(data, min_size=(40, 32)).pixels, (40, 32))
+    np.testing.assert_array_equal(load_for_model(data, (40, 32)), expected)
+
+
+def _full_size_jpeg(name: str, exif: bytes = b"") -> bytes:
+    from skimage import data as skdata
+
+    buffer = io.BytesIO()
+    Image.fromarray(getattr(skdata, name)()).save(buffer, "JPEG", quality=90, exif=exif)
+    return buffer.getvalue()
+
+
+def test_min_size_decodes_big_jpegs_at_a_reduced_scale_with_the_same_result() -> None:
+    data = _full_size_jpeg("coffee")  # 600x400
+    full = decode_image(data)
+    reduced = decode_image(data, min_size=(64, 48))
+    assert (reduced.width, reduced.height) == (full.width, full.height) == (600, 400)
+    assert reduced.pixels.shape == (400 // 4, 600 // 4, 3)  # 1/4: the smallest scale keeping 64 px
+    difference = resize_for_model(reduced.pixels, (64, 48)) - resize_for_model(full.pixels, (64, 48))
+    assert np.abs(difference).mean() < 1.5 / 255 and np.abs(difference).max() < 16 / 255
+
+
+def test_min_size_keeps_orientation_and_leaves_other_formats_alone() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    reduced = decode_image(_full_size_jpeg("chelsea", exif.tobytes()), min_size=(64, 64))  # 451x300
+    assert (reduced.width, reduced.height) == (451, 300)
+    assert reduced.pixels.shape == (451 // 4 + 1, 300 // 4, 3)  # rotated; libjpeg rounds sizes up
+    bmp = ITEMS["photo.bmp"].data
+    assert decode_image(bmp, min_size=(32, 32)).pixels.shape == decode_image(bmp).pixels.shape
