@@ -18,6 +18,11 @@ import pytest
 import bitray  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# Ray workers see only the environment Ray was started with: give them the dummy keys the moto server
+# accepts even when Ray starts before the s3_server fixture (unsigned uploads would be stored still framed).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")

@@ -1,0 +1,197 @@
+"""``bitray embed`` (images -> Parquet of BiT embeddings) and ``bitray demo`` (the same on sample photos)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+DEMO_MODEL = "bit-s-r101x1"
+DEMO_FALLBACK = "random:r101x1"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    embed = subparsers.add_parser(
+        "embed",
+        help="embed images from object storage or local paths into Parquet",
+        description="Embed every image under the inputs with BiT, exactly once, into Parquet under --output. "
+        "Flags override the config file, which overrides the defaults.",
+    )
+    embed.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        metavar="URI",
+        help="s3://, gs:// or local prefix or file (repeatable)",
+    )
+    embed.add_argument("--manifest", metavar="URI", help="file listing input URIs, one per line")
+    embed.add_argument("--output", metavar="URI", help="output prefix (default ./bitray-output/embeddings)")
+    embed.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="bit-s-r101x1 (default), hub:URL, npz:PATH, savedmodel:DIR or random:ARCH",
+    )
+    embed.add_argument(
+        "--config", metavar="FILE.yaml", help="EmbedConfig YAML (see pipelines/configs/embed.yaml)"
+    )
+    embed.add_argument(
+        "--address", metavar="ADDR", help="Ray cluster address (default: RAY_ADDRESS or local)"
+    )
+    embed.add_argument("--run-id", metavar="ID", help="resume (or re-run, a no-op when finished) this run")
+    embed.add_argument(
+        "--incremental",
+        action="store_true",
+        default=None,
+        help="embed only object versions not yet recorded under --output",
+    )
+    embed.add_argument("--batch-size", type=int, metavar="N", help="images per model call and per commit")
+    embed.add_argument("--image-size", type=int, metavar="PX", help="model input size (default 224)")
+    embed.add_argument("--actors", metavar="MIN[:MAX]", help="autoscaling embedding actor pool size")
+    embed.add_argument("--gpus-per-actor", type=float, metavar="N")
+    embed.add_argument("--cpus-per-actor", type=float, metavar="N")
+    embed.set_defaults(func=run_embed)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="embed scikit-image's sample photos on a local Ray (the quickstart)",
+        description=f"Write scikit-image's sample photos to DIR/photos and embed them into DIR/output with "
+        f"{DEMO_MODEL} (or, when its weights cannot be loaded, random weights, said loudly). "
+        "DIR/output is replaced on every demo run.",
+    )
+    demo.add_argument(
+        "--output", metavar="DIR", default="./bitray-demo", help="demo directory (./bitray-demo)"
+    )
+    demo.add_argument(
+        "--model", metavar="SPEC", help=f"model spec (default {DEMO_MODEL}, else {DEMO_FALLBACK})"
+    )
+    demo.add_argument("--image-size", type=int, default=224, metavar="PX")
+    demo.add_argument(
+        "--address", metavar="ADDR", default="local", help="Ray cluster address (default: local)"
+    )
+    demo.set_defaults(func=run_demo)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from bitray.config import EmbedConfig, load_config
+    from bitray.embed import run_embedding
+
+    overrides = {
+        "inputs": args.inputs,
+        "manifest": args.manifest,
+        "output": args.output,
+        "model": args.model,
+        "run_id": args.run_id,
+        "incremental": args.incremental,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "gpus_per_actor": args.gpus_per_actor,
+        "cpus_per_actor": args.cpus_per_actor,
+        **parse_actors(args.actors),
+    }
+    config = load_config(EmbedConfig, args.config, overrides)
+    summary = run_embedding(config, address=args.address)
+    print_summary(summary)
+    return 0
+
+
+def parse_actors(text: str | None) -> dict[str, int]:
+    if text is None:
+        return {}
+    from bitray.errors import BitrayError
+
+    low, _, high = text.partition(":")
+    try:
+        return {"actors_min": int(low), "actors_max": int(high or low)}
+    except ValueError:
+        raise BitrayError(f"--actors {text!r}: write MIN or MIN:MAX, e.g. 1:4") from None
+
+
+def print_summary(summary) -> None:  # noqa: ANN001 - bitray.embed.RunSummary, imported lazily
+    print(f"bitray: embeddings in {summary.output}/embeddings/, errors in {summary.output}/errors/")
+    print(json.dumps(summary.to_dict(), indent=2))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from bitray.config import EmbedConfig
+    from bitray.embed import run_embedding
+
+    root = Path(args.output).expanduser().absolute()
+    photos = write_sample_photos(root / "photos")
+    output = root / "output"
+    if (output / "_bitray").is_dir():
+        shutil.rmtree(output)  # the demo's own output from an earlier demo run
+    model = args.model or choose_demo_model()
+    config = EmbedConfig(
+        inputs=[str(photos)], output=str(output), model=model, image_size=args.image_size, batch_size=8
+    )
+    summary = run_embedding(config, address=args.address)
+    print_summary(summary)
+    if "random-init" in (summary.model_id or ""):
+        print(random_weights_banner(summary.model_id))
+    print(f"bitray: read them with: pandas.read_parquet('{output}/embeddings')")
+    return 0
+
+
+def choose_demo_model() -> str:
+    """The real BiT-S R101x1 when its weights load here (TF-Hub or its cache), else random weights."""
+    from bitray.errors import BitrayError
+    from bitray.model import load_model
+
+    try:
+        load_model(DEMO_MODEL)
+    except (BitrayError, OSError, ValueError) as exc:
+        print(random_weights_banner(DEMO_FALLBACK, f"{DEMO_MODEL} weights could not be loaded: {exc}"))
+        return DEMO_FALLBACK
+    return DEMO_MODEL
+
+
+def random_weights_banner(model: str, reason: str = "") -> str:
+    line = "!" * 78
+    text = [
+        line,
+        f"!! WARNING: RANDOM WEIGHTS ({model}): these embeddings are NOT BiT features.",
+        "!! The model id in the output says random-init. To use the real model, give its weights:",
+        "!!   bitray demo --model npz:/path/to/BiT-S-R101x1.npz   (or a TF-Hub cache / savedmodel:DIR)",
+    ]
+    if reason:
+        text.insert(1, f"!! {reason}")
+    return "\n".join([*text, line])
+
+
+def write_sample_photos(directory: Path) -> Path:
+    """Write scikit-image's bundled sample photos as JPEG and PNG files (idempotent)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "camera",
+        "coins",
+        "moon",
+        "page",
+        "horse",
+        "text",
+        "grass",
+        "gravel",
+        "brick",
+    ]
+    for i, name in enumerate(names):
+        try:
+            pixels = np.asarray(getattr(skimage.data, name)())
+        except Exception:  # noqa: S112 - a sample missing from this scikit-image version: skip it
+            continue
+        if pixels.dtype == bool:
+            pixels = pixels.astype(np.uint8) * 255
+        suffix = "jpg" if i % 2 == 0 else "png"
+        target = directory / f"{name}.{suffix}"
+        if not target.exists():
+            Image.fromarray(pixels.astype(np.uint8)).save(target)
+    return directory
