@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bitray.errors import BitrayError
 
@@ -52,6 +52,127 @@ class StorageConfig(Section):
         )
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class EmbedConfig(Section):
+    """``bitray embed``: which images, which model, how many actors, where the Parquet goes.
+
+    Every field has a default that runs on a laptop; ``None`` means "decide from the Ray cluster".
+    """
+
+    inputs: list[str] = []
+    """Input URIs: prefixes (``s3://bucket/photos/``, ``gs://...``, local dirs) or single objects."""
+    manifest: str | None = None
+    """A text file (local or object store) of input URIs, one per line; ``#`` starts a comment."""
+    extensions: list[str] | None = list(IMAGE_EXTENSIONS)
+    """Only keys ending in one of these are listed (case-insensitive); ``null`` lists every object."""
+    model: str = "bit-s-r101x1"
+    """Model spec: ``bit-s-r101x1``, ``hub:<url>``, ``npz:<path>``, ``savedmodel:<dir>``, ``random:<arch>``"""
+    image_size: int | tuple[int, int] = 224
+    """Model input size, ``224`` or ``[height, width]``; images are resized straight to it (no crop)."""
+    batch_size: int = Field(32, ge=1)
+    """Images per model call; also the unit that is committed to the output at once."""
+    actors_min: int = Field(1, ge=1)
+    actors_max: int | None = Field(None, ge=1)
+    """Autoscaling pool of embedding actors; default: one per GPU, or half the CPUs' worth on CPU."""
+    gpus_per_actor: float | None = Field(None, ge=0)
+    """Default: 1 when the cluster has GPUs, else 0."""
+    cpus_per_actor: float | None = Field(None, gt=0)
+    """Default: 1 on GPU; on CPU a quarter of the cluster's CPUs (1 to 4), TF threads sized to match."""
+    mixed_precision: bool = True
+    """float16 compute on GPU actors (ignored on CPU, where it is slower)."""
+    max_pixels: int | None = Field(None, ge=1)
+    """Decompression-bomb limit per image; default: the images module's limit."""
+    output: str = "./bitray-output/embeddings"
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    """Resume or re-run a run by its id; default: a new id, printed at the start."""
+    incremental: bool = False
+    """Embed only object versions not yet recorded under ``output`` (new or changed objects)."""
+    lock_ttl_s: float = Field(120.0, gt=0)
+    """The output lock expires this long after its last heartbeat (a crashed run's lock is taken over)."""
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("image_size")
+    @classmethod
+    def _check_size(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        sizes = (value, value) if isinstance(value, int) else value
+        if min(sizes) < 32:
+            raise ValueError("image sizes below 32 pixels are too small for BiT")
+        return value
+
+    def size_hw(self) -> tuple[int, int]:
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class FinetuneConfig(Section):
+    """``bitray finetune``: labelled data, model, workers, and the HyperRule with every value overridable.
+
+    ``None`` means "as the HyperRule says" (``bitray.hyperrule``); the resolved values are logged to MLflow.
+    """
+
+    data: str = ""
+    """Labelled training set: a folder per class (``<root>/<label>/<image>``) or a ``.csv``/``.parquet``
+    manifest with ``path,label`` columns; local, ``s3://`` or ``gs://``."""
+    validation: str | None = None
+    """A separate labelled validation set (same layouts); default: hold out ``val_fraction`` of ``data``."""
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    """Share of ``data`` held out for validation when no ``validation`` set is given (deterministic split)."""
+    output: str = "./bitray-output/finetune"
+    """Where the exported SavedModels go (``<output>/feature_vector``, ``<output>/classifier``)."""
+    model: str = "bit-m-r50x1"
+    """Model spec to start from: ``bit-m-r50x1``, ``hub:<url>``, ``npz:<path>``, ``savedmodel:<dir>``,
+    ``random:<arch>``."""
+    workers: int = Field(1, ge=1)
+    """Ray Train workers (data-parallel replicas)."""
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    # The HyperRule; None = the rule's value.
+    steps: int | None = Field(None, ge=2)
+    """Total optimizer steps; the rule's boundaries are scaled to it. Default: by dataset size."""
+    boundaries: list[int] | None = None
+    """Explicit schedule: end of warmup, the /10 decays, the last step (wins over ``steps``)."""
+    batch_size: int = Field(512, ge=1)
+    """Global batch per optimizer step, over all workers."""
+    micro_batch: int | None = Field(None, ge=1)
+    """Global images per forward pass; gradients of ``batch_size / micro_batch`` passes are accumulated."""
+    base_lr: float = Field(0.003, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    mixup_alpha: float | None = Field(None, ge=0)
+    """MixUp Beta(alpha, alpha), one lambda per batch; default 0.1 from 20k training images, else 0."""
+    resolution: str = Field("paper", pattern="^(paper|released)$")
+    """Large-image resolution: ``paper`` (448 -> crop 384) or ``released`` (512 -> crop 480)."""
+    resize: int | None = Field(None, ge=8)
+    crop: int | None = Field(None, ge=8)
+    """Training images are resized to ``resize`` then randomly cropped to ``crop``; evaluation resizes
+    straight to ``crop``. Default by image area: 160/128 below 96x96, else per ``resolution``."""
+    cache_decoded: bool | None = None
+    """Decode the images once and keep them in Ray's object store for every epoch; default: when the
+    decoded set is under 1 GiB. Otherwise every epoch streams them from storage again."""
+    checkpoint_every: int = Field(100, ge=1)
+    eval_every: int = Field(100, ge=1)
+    max_failures: int = Field(3, ge=-1)
+    """Worker failures the run survives (restarting from the last checkpoint); -1: unlimited."""
+    seed: int = 0
+    """Seed of the train/validation split (augmentation is random on purpose)."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    """Run name; re-running with the same name and storage_path resumes it. Default: a new name."""
+    storage_path: str = "./bitray-output/ray-runs"
+    """Ray Train run storage (checkpoints): local path or ``s3://``."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
+    experiment: str = "bitray-finetune"
+    registered_model: str | None = "bitray-finetuned"
+    """Registered model name in the MLflow model registry; ``null`` skips registration."""
+    model_alias: str = "champion"
+    """Alias pointed at the new version (MLflow reserves ``latest``)."""
+    storage: StorageConfig = StorageConfig()
+
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping, with a clear error for a missing, unreadable or malformed file."""
     file = Path(path)
@@ -68,7 +189,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise BitrayError(f"config file {file} must hold a mapping of keys to values, not {type(data).__name__}")
+        raise BitrayError(
+            f"config file {file} must hold a mapping of keys to values, not {type(data).__name__}"
+        )
     return data
 
 
