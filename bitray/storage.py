@@ -7,6 +7,7 @@ credentials from the standard AWS chain, and neither ever prints them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -93,11 +94,29 @@ def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[pafs
     return pafs.GcsFileSystem(anonymous=storage.anonymous), path
 
 
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
 def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
-    endpoint = storage.resolved_s3_endpoint()
+    """A shared S3 filesystem per endpoint, region and credential environment.
+
+    Creating one costs tens of milliseconds, far more than reading a small image, so per-object reads
+    reuse it. The key includes a digest of the credential variables, so changed credentials get a new one.
+    """
+    environment = "\0".join(os.environ.get(k, "") for k in CREDENTIAL_ENV)
+    credentials = hashlib.sha256(environment.encode()).hexdigest()
+    return _s3_filesystem(
+        storage.resolved_s3_endpoint(), storage.resolved_s3_region(), storage.anonymous, credentials
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _s3_filesystem(
+    endpoint: str | None, region: str, anonymous: bool, _credentials: str
+) -> pafs.S3FileSystem:
     kwargs: dict = {
-        "region": storage.resolved_s3_region(),
-        "anonymous": storage.anonymous,
+        "region": region,
+        "anonymous": anonymous,
         "connect_timeout": 5,
         "request_timeout": 60,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
