@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bitray import storage
+from bitray import ray_session, storage
 from bitray.config import EmbedConfig, StorageConfig
 from bitray.errors import BitrayError
 from bitray.incremental import RunLock, recorded_versions, select_new
@@ -216,8 +216,7 @@ def _run_pipeline(
 ) -> int:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+    ray_session.connect(address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_operator_progress_bars = True  # Ray Jobs hides them otherwise
     resources = ray.cluster_resources()

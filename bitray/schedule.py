@@ -176,13 +176,12 @@ class WindowLog:
     def __init__(self, tracking_uri: str | None, experiment: str = EXPERIMENT) -> None:
         from mlflow import MlflowClient
 
-        from bitray.tracking import quick_failures
+        from bitray.tracking import ensure_experiment, quick_failures
 
         quick_failures()
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            self.experiment_id = ensure_experiment(self.client, experiment)
         except Exception as exc:  # any MLflow/HTTP/DB error means "unusable"
             raise BitrayError(
                 f"cannot use MLflow tracking at {self.client.tracking_uri}: {exc}; check --tracking-uri "

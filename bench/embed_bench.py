@@ -1,0 +1,364 @@
+"""Embedding throughput and memory, measured in one run on the same images (issue 3, "What it must show").
+
+    python bench/embed_bench.py                      # R101x1 at 224 px, N=300 (and 10N for memory)
+    python bench/embed_bench.py --arch tiny --n 48 --size 64 --scale 2   # smoke run, a minute on a laptop
+    python bench/embed_bench.py --mixed-precision    # on a GPU machine
+
+N synthetic JPEGs (500x375, from scikit-image's sample photos: random crops, flips and colour shifts) are
+uploaded to an S3 endpoint (moto's server, in its own process on 127.0.0.1 so its memory is not counted).
+Then, with random-init weights of ``--arch`` (the same weights in every phase):
+
+  (b) the full pipeline, ``bitray.embed.run_embedding``: S3 -> decode -> actors -> Parquet (a local dir);
+      on N images, then on scale*N images for memory. RSS of the driver and of every process it started
+      (raylet, workers, actors; moto excluded) is sampled every 0.2 s; peaks are reported.
+  (a) model only: the same N images decoded in advance, fed to the model in batches (driver, all cores).
+  (c) a naive loop: boto3 get_object, PIL decode + bilinear resize, batch, ``hub.KerasLayer`` on a
+      SavedModel exported from the same model (float32, as such a loop would run it).
+
+(b) runs first, while the driver has not imported TensorFlow, so Ray's workers have the cores to
+themselves, each run on a fresh local Ray instance; (a) and (c) run after Ray has shut down. Throughput
+of (b) is reported twice: end to end (``run_embedding``'s wall time, including actor start and model
+load) and steady state (images committed after the first shard, over the time between the first and last
+shard commits). Ratios use both.
+Goals (issue 3): b/a >= 0.9, b/c >= 1.0, peak RSS at scale*N within 1.25x of N. Sums of RSS count pages
+shared between processes (the object store) more than once; they are an upper bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+import bitray  # noqa: F401  (before TensorFlow: selects Keras 2)
+
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+BUCKET = "bench"
+SIZE_WH = (500, 375)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--arch", default="r101x1", help="BiT variant (random-init weights); 'tiny' for a smoke run"
+    )
+    p.add_argument("--n", type=int, default=300, help="images for the throughput comparison")
+    p.add_argument("--scale", type=int, default=10, help="memory: compare peak RSS at N and scale*N images")
+    p.add_argument("--size", type=int, default=224, help="model input size (square)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--mixed-precision", action="store_true", help="float16 compute for (a) and (b) on GPU")
+    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs given to the local Ray instance")
+    p.add_argument("--actors-max", type=int, default=None, help="pipeline setting (default: bitray decides)")
+    p.add_argument("--cpus-per-actor", type=float, default=None, help="pipeline setting (default: bitray)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+# -- images and the S3 endpoint -----------------------------------------------------------------------------
+
+
+def synthetic_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` distinct 500x375 JPEGs (quality 90) cut from scikit-image's sample photos."""
+    from PIL import Image, ImageOps
+    from skimage import data
+
+    bases = [
+        Image.fromarray(getattr(data, name)()).convert("RGB")
+        for name in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+    ]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        base = bases[i % len(bases)]
+        w, h = base.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        image = base.crop((x, y, x + cw, y + ch)).resize(SIZE_WH, Image.Resampling.BILINEAR)
+        if rng.random() < 0.5:
+            image = ImageOps.mirror(image)
+        shift = rng.integers(-20, 21, size=3)
+        pixels = np.clip(np.asarray(image, np.int16) + shift, 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[tuple[str, subprocess.Popen]]:
+    """moto's S3 server in a child process on 127.0.0.1; yields (endpoint URL, process)."""
+    import boto3
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL_S3=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint)
+        for _ in range(100):
+            try:
+                client.list_buckets()
+                break
+            except Exception:  # not listening yet
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("moto server did not start")
+        yield endpoint, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def upload(client, prefix: str, images: list[bytes], copies: int = 1) -> None:  # noqa: ANN001
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(f"{prefix}{c:02d}-{i:05d}.jpg", data) for c in range(copies) for i, data in enumerate(images)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: client.put_object(Bucket=BUCKET, Key=kv[0], Body=kv[1]), jobs))
+
+
+@contextlib.contextmanager
+def local_ray(cpus: int) -> Iterator[None]:
+    import ray
+
+    ray.init(
+        address="local",  # a new instance, never a cluster that happens to run on this machine
+        num_cpus=cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# -- memory -------------------------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Peak RSS of this process and of every process it started (except ``exclude``), sampled in a thread."""
+
+    def __init__(self, exclude: set[int], interval_s: float = 0.2) -> None:
+        import psutil
+
+        self.me = psutil.Process()
+        self.exclude = exclude
+        self.interval_s = interval_s
+        self.peak = {"driver_mb": 0.0, "others_mb": 0.0, "total_mb": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        driver = self.me.memory_info().rss
+        others = 0
+        for child in self.me.children(recursive=True):
+            if child.pid in self.exclude:
+                continue
+            with contextlib.suppress(psutil.Error):
+                others += child.memory_info().rss
+        for key, value in (("driver_mb", driver), ("others_mb", others), ("total_mb", driver + others)):
+            self.peak[key] = max(self.peak[key], value / 2**20)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+# -- the three measurements ---------------------------------------------------------------------------------
+
+
+def pipeline(args: argparse.Namespace, prefix: str, output: Path, moto_pid: int) -> dict:
+    """(b): ``run_embedding`` from S3 to local Parquet, with peak RSS and steady-state throughput."""
+    from bitray.config import EmbedConfig
+    from bitray.embed import run_embedding
+
+    config = EmbedConfig(
+        inputs=[f"s3://{BUCKET}/{prefix}"],
+        output=str(output),
+        model=f"random:{args.arch}",
+        image_size=args.size,
+        batch_size=args.batch_size,
+        mixed_precision=args.mixed_precision,
+        actors_max=args.actors_max,
+        cpus_per_actor=args.cpus_per_actor,
+    )
+    with RssSampler(exclude={moto_pid}) as rss:
+        summary = run_embedding(config)
+    steady = steady_rate(sorted(output.glob("_bitray/runs/*/commits/*.json")))
+    return {
+        "images": summary.inputs,
+        "embedded": summary.embedded,
+        "errored": summary.errored,
+        "model_id": summary.model_id,
+        "seconds": summary.seconds,
+        "images_per_s_end_to_end": summary.images_per_s,
+        "images_per_s_steady": steady,
+        "peak_rss_mb": rss.peak,
+    }
+
+
+def steady_rate(commit_files: list[Path]) -> float | None:
+    """Images per second between the first and the last shard commit (actor start and model load excluded)."""
+    if len(commit_files) < 2:
+        return None
+    records = sorted((p.stat().st_mtime, json.loads(p.read_text())) for p in commit_files)
+    span = records[-1][0] - records[0][0]
+    later = sum(record["embedded"] + record["errored"] for _, record in records[1:])
+    return later / span if span > 0 else None
+
+
+def model_only(args: argparse.Namespace, images: list[bytes]) -> dict:
+    """(a): the model on pre-decoded arrays (same decode and resize as the pipeline)."""
+    import tf_keras
+
+    from bitray.images import load_for_model
+    from bitray.model import load_model
+
+    if args.mixed_precision:
+        tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        loaded = load_model(f"random:{args.arch}")
+        arrays = np.stack([load_for_model(data, (args.size, args.size)) for data in images])
+        batches = [arrays[i : i + args.batch_size] for i in range(0, len(arrays), args.batch_size)]
+        loaded.model(batches[0], training=False)  # build and warm up
+        start = time.perf_counter()
+        for batch in batches:
+            np.asarray(loaded.model(batch, training=False))
+        seconds = time.perf_counter() - start
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    return {"images": len(arrays), "seconds": round(seconds, 3), "images_per_s": len(arrays) / seconds}
+
+
+def naive_loop(args: argparse.Namespace, endpoint: str, prefix: str, workdir: Path) -> dict:
+    """(c): boto3 + PIL + hub.KerasLayer, one image at a time into batches, no Ray."""
+    import boto3
+    import tensorflow_hub as hub
+    from PIL import Image
+
+    from bitray.model import load_model
+    from bitray.model.export import export_savedmodel
+
+    saved = export_savedmodel(load_model(f"random:{args.arch}"), workdir / "savedmodel")
+    layer = hub.KerasLayer(str(saved))
+    layer(np.zeros((1, args.size, args.size, 3), np.float32))  # load and warm up
+    client = boto3.client("s3", endpoint_url=endpoint)
+    start = time.perf_counter()
+    keys = [
+        obj["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        for obj in page.get("Contents", [])
+    ]
+    batch, count = [], 0
+    for i, key in enumerate(keys):
+        data = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        image = (
+            Image.open(io.BytesIO(data))
+            .convert("RGB")
+            .resize((args.size, args.size), Image.Resampling.BILINEAR)
+        )
+        batch.append(np.asarray(image, np.float32) / 255.0)
+        if len(batch) == args.batch_size or i == len(keys) - 1:
+            count += len(np.asarray(layer(np.stack(batch))))
+            batch = []
+    seconds = time.perf_counter() - start
+    return {"images": count, "seconds": round(seconds, 3), "images_per_s": count / seconds}
+
+
+def _ratio(x: float | None, y: float | None) -> float | None:
+    return round(x / y, 3) if x and y else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import boto3
+
+    print(
+        f"bench: arch={args.arch} n={args.n} scale={args.scale} size={args.size} "
+        f"batch={args.batch_size} mixed_precision={args.mixed_precision} cpus={args.cpus}",
+        flush=True,
+    )
+    images = synthetic_jpegs(args.n)
+    print(
+        f"bench: {len(images)} JPEGs, {sum(map(len, images)) / len(images) / 1024:.0f} KiB on average",
+        flush=True,
+    )
+    results: dict = {"settings": vars(args) | {"json": str(args.json) if args.json else None}}
+    with moto_server() as (endpoint, moto), tempfile.TemporaryDirectory(prefix="bitray-bench-") as tmp:
+        workdir = Path(tmp)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        upload(client, "n/", images)
+        upload(client, "scaled/", images, copies=args.scale)
+        for key, prefix in (("b_pipeline", "n/"), ("b_pipeline_scaled", "scaled/")):
+            with local_ray(args.cpus):  # a fresh instance per run: idle workers of a run skew the next's RSS
+                results[key] = pipeline(args, prefix, workdir / f"out-{key}", moto.pid)
+            print(f"bench: (b) {prefix} {results[key]}", flush=True)
+        results["a_model_only"] = model_only(args, images)
+        print(f"bench: (a) {results['a_model_only']}", flush=True)
+        results["c_naive"] = naive_loop(args, endpoint, "n/", workdir)
+        print(f"bench: (c) {results['c_naive']}", flush=True)
+
+    b, a, c = results["b_pipeline"], results["a_model_only"], results["c_naive"]
+    peak_n, peak_scaled = (
+        b["peak_rss_mb"]["total_mb"],
+        results["b_pipeline_scaled"]["peak_rss_mb"]["total_mb"],
+    )
+    results["ratios"] = {
+        "b_over_a_steady": _ratio(b["images_per_s_steady"], a["images_per_s"]),
+        "b_over_a_end_to_end": _ratio(b["images_per_s_end_to_end"], a["images_per_s"]),
+        "b_over_c_steady": _ratio(b["images_per_s_steady"], c["images_per_s"]),
+        "b_over_c_end_to_end": _ratio(b["images_per_s_end_to_end"], c["images_per_s"]),
+        "peak_rss_scaled_over_n": _ratio(peak_scaled, peak_n),
+    }
+    print(json.dumps(results, indent=2, default=str))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""``bitray finetune``: HyperRule fine-tuning of BiT on a labelled image set with Ray Train + MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune BiT on a labelled image set (Ray Train workers, tracked in MLflow)",
+        description="Fine-tune a BiT model with the HyperRule on a folder-per-class tree or a path,label "
+        "manifest, export TF-Hub-style SavedModels to --output, and register the model in MLflow. "
+        "Rerunning with the same run name resumes it. Flags override the config file.",
+    )
+    parser.add_argument("--data", metavar="URI", help="labelled set: <root>/<label>/<image> or .csv/.parquet")
+    parser.add_argument("--validation", metavar="URI", help="separate validation set (default: split --data)")
+    parser.add_argument("--output", metavar="URI", help="where the exported SavedModels go")
+    parser.add_argument("--model", metavar="SPEC", help="bit-m-r50x1 (default), npz:PATH, savedmodel:DIR")
+    parser.add_argument("--config", metavar="FILE.yaml", help="FinetuneConfig YAML (pipelines/configs/)")
+    parser.add_argument("--workers", type=int, metavar="N", help="Ray Train workers (default 1)")
+    parser.add_argument("--gpus-per-worker", type=float, metavar="G", help="GPUs per worker (default 0)")
+    parser.add_argument("--steps", type=int, metavar="N", help="total steps (default: by the HyperRule)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="global batch (default 512)")
+    parser.add_argument("--micro-batch", type=int, metavar="N", help="global images per pass (accumulate)")
+    parser.add_argument("--name", metavar="NAME", help="run name; the same name resumes a run")
+    parser.add_argument("--address", metavar="ADDR", help="Ray cluster (default: RAY_ADDRESS or local)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitray.config import FinetuneConfig, load_config
+    from bitray.finetune import run_finetune
+
+    overrides = {
+        "data": args.data,
+        "validation": args.validation,
+        "output": args.output,
+        "model": args.model,
+        "workers": args.workers,
+        "gpus_per_worker": args.gpus_per_worker,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "micro_batch": args.micro_batch,
+        "name": args.name,
+    }
+    config = load_config(FinetuneConfig, args.config, overrides)
+    result = run_finetune(config, address=args.address)
+    print(json.dumps(asdict(result), indent=2))
+    print(f"bitray: embed with it: bitray embed --model savedmodel:{result.feature_vector_uri} ...")
+    return 0

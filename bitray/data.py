@@ -1,0 +1,239 @@
+"""Labelled image sets for fine-tuning: listing, splitting, Ray Data loading and HyperRule augmentation.
+
+A labelled set is a folder per class (``<root>/<label>/<image>``) or a manifest (``.csv`` or ``.parquet``
+with ``path`` and ``label`` columns; relative paths are relative to the manifest). Images are decoded and
+resized with ``bitray.images``, the code the embedding pipeline uses, then kept as uint8 for transport.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bitray import storage as st
+from bitray.config import IMAGE_EXTENSIONS, StorageConfig
+from bitray.errors import BitrayError
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Image URIs with their class index into ``classes``."""
+
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def list_labelled(uri: str, storage: StorageConfig | None = None) -> list[tuple[str, str]]:
+    """``(image URI, label name)`` pairs of a class-folder tree or a manifest, in a stable order."""
+    if uri.lower().endswith(MANIFEST_SUFFIXES):
+        pairs = _read_manifest(uri, storage)
+    else:
+        root = uri.rstrip("/")
+        pairs = []
+        for obj in st.list_objects(root, extensions=IMAGE_EXTENSIONS, storage=storage):
+            relative = obj.uri[len(root) :].lstrip("/")
+            if "/" not in relative:
+                continue  # a file beside the class folders, not inside one
+            pairs.append((obj.uri, relative.split("/", 1)[0]))
+    if not pairs:
+        raise BitrayError(
+            f"no labelled images found at {uri!r}; expected <root>/<label>/<image> folders or a "
+            "manifest .csv/.parquet with path,label columns"
+        )
+    return sorted(pairs)
+
+
+def _read_manifest(uri: str, storage: StorageConfig | None) -> list[tuple[str, str]]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    data = st.read_bytes(uri, storage)
+    try:
+        if uri.lower().endswith(".csv"):
+            table = pacsv.read_csv(io.BytesIO(data))
+        else:
+            table = pq.read_table(io.BytesIO(data))
+    except Exception as exc:  # pyarrow raises several types for malformed files
+        raise BitrayError(f"manifest {uri!r} cannot be parsed: {exc}") from None
+    missing = {"path", "label"} - set(table.column_names)
+    if missing:
+        raise BitrayError(f"manifest {uri!r} lacks column(s) {sorted(missing)}; it needs path,label")
+    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    pairs = []
+    for path, label in zip(table.column("path").to_pylist(), table.column("label").to_pylist(), strict=True):
+        if path is None or label is None:
+            raise BitrayError(f"manifest {uri!r} has an empty path or label")
+        path = str(path)
+        absolute = "://" in path or path.startswith("/")
+        pairs.append((path if absolute else st.join(base, path), str(label)))
+    return pairs
+
+
+def make_sets(
+    data: str,
+    validation: str | None,
+    val_fraction: float,
+    seed: int = 0,
+    storage: StorageConfig | None = None,
+) -> tuple[LabelledSet, LabelledSet | None]:
+    """Training and validation sets. Without ``validation``, a stratified, seeded split of ``data``."""
+    pairs = list_labelled(data, storage)
+    classes = sorted({label for _, label in pairs})
+    if validation is not None:
+        train_pairs, val_pairs = pairs, list_labelled(validation, storage)
+        unknown = sorted({label for _, label in val_pairs} - set(classes))
+        if unknown:
+            raise BitrayError(f"validation set {validation!r} has labels not in {data!r}: {unknown[:5]}")
+    elif val_fraction > 0:
+        train_pairs, val_pairs = split_pairs(pairs, val_fraction, seed)
+    else:
+        train_pairs, val_pairs = pairs, []
+    if len(classes) < 2:
+        raise BitrayError(f"{data!r} has {len(classes)} class(es); fine-tuning needs at least 2")
+    index = {name: i for i, name in enumerate(classes)}
+
+    def build(items: list[tuple[str, str]]) -> LabelledSet:
+        return LabelledSet([p for p, _ in items], [index[label] for _, label in items], classes)
+
+    return build(train_pairs), (build(val_pairs) if val_pairs else None)
+
+
+def split_pairs(
+    pairs: list[tuple[str, str]], fraction: float, seed: int = 0
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Hold out ``fraction`` of every class (at least one image of classes with two or more)."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[tuple[str, str]]] = {}
+    for pair in sorted(pairs):
+        by_label.setdefault(pair[1], []).append(pair)
+    train, val = [], []
+    for label in sorted(by_label):
+        items = by_label[label]
+        order = rng.permutation(len(items))
+        n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
+        val += [items[i] for i in order[:n_val]]
+        train += [items[i] for i in order[n_val:]]
+    return train, val
+
+
+def image_size_of(uri: str, storage: StorageConfig | None = None) -> tuple[int, int]:
+    """(height, width) of one image, for the HyperRule's resolution choice."""
+    from bitray.images import decode_image
+
+    decoded = decode_image(st.read_bytes(uri, storage))
+    return decoded.height, decoded.width
+
+
+def to_ray_dataset(
+    labelled: LabelledSet, size: int, storage: StorageConfig | None = None, seed: int = 0
+) -> ray.data.Dataset:
+    """Rows ``{"image": uint8[size, size, 3], "label": int64}``, read and decoded by Ray Data tasks.
+
+    The rows are shuffled once (seeded) so that class-sorted listings do not give one-class batches;
+    the training loop adds a local shuffle per epoch.
+    """
+    import ray.data
+
+    order = np.random.default_rng(seed).permutation(len(labelled))
+    items = [{"path": labelled.paths[i], "label": labelled.labels[i]} for i in order]
+    blocks = max(1, min(len(items) // 256, 64))
+    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        decode_labelled_batch,
+        fn_kwargs={"size": size, "storage": storage},
+        batch_size=64,
+        batch_format="numpy",
+    )
+
+
+def decode_labelled_batch(
+    batch: dict[str, np.ndarray], size: int, storage: StorageConfig | None
+) -> dict[str, Any]:
+    """Read, decode and resize a batch of ``path``/``label`` rows; undecodable images are skipped."""
+    from bitray.images import ImageDecodeError, decode_image, resize_for_model
+
+    images, labels = [], []
+    for path, label in zip(batch["path"], batch["label"], strict=True):
+        try:
+            decoded = decode_image(st.read_bytes(str(path), storage))
+        except (ImageDecodeError, BitrayError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        pixels = resize_for_model(decoded.pixels, (size, size))
+        images.append(np.round(pixels * 255.0).astype(np.uint8))
+        labels.append(int(label))
+    if not images:
+        return {"image": np.zeros((0, size, size, 3), np.uint8), "label": np.zeros((0,), np.int64)}
+    return {"image": np.stack(images), "label": np.asarray(labels, np.int64)}
+
+
+# --- HyperRule augmentation (numpy, on the training worker) ---------------------------------------------
+
+
+def random_crop_flip(images: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
+    """Random ``crop`` x ``crop`` window and random horizontal flip per image; uint8 in, float [0,1] out."""
+    n, height, width = images.shape[:3]
+    tops = rng.integers(0, height - crop + 1, size=n)
+    lefts = rng.integers(0, width - crop + 1, size=n)
+    flips = rng.random(n) < 0.5
+    out = np.empty((n, crop, crop, images.shape[3]), np.float32)
+    for i in range(n):
+        window = images[i, tops[i] : tops[i] + crop, lefts[i] : lefts[i] + crop]
+        out[i] = window[:, ::-1] if flips[i] else window
+    return out / 255.0
+
+
+def mixup(
+    images: np.ndarray, onehot: np.ndarray, alpha: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """MixUp with one lambda ~ Beta(alpha, alpha) for the whole batch; identity when ``alpha`` is 0."""
+    if alpha <= 0:
+        return images, onehot
+    lam = float(rng.beta(alpha, alpha))
+    perm = rng.permutation(len(images))
+    return lam * images + (1 - lam) * images[perm], lam * onehot + (1 - lam) * onehot[perm]
+
+
+def eval_images(images: np.ndarray) -> np.ndarray:
+    """Validation rows are already resized straight to the crop size; only scale to [0, 1]."""
+    return images.astype(np.float32) / 255.0
+
+
+# --- the digits demo set ------------------------------------------------------------------------------
+
+
+def iter_digits() -> Iterator[tuple[int, int, bytes]]:
+    """``(index, digit, PNG bytes)`` for scikit-learn's 1,797 8x8 digits, scaled 0-16 -> 0-255."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for n, (image, target) in enumerate(zip(digits.images, digits.target, strict=True)):
+        pixels = np.clip(np.round(image * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+        yield n, int(target), buffer.getvalue()
+
+
+def write_digits(output_uri: str, storage: StorageConfig | None = None) -> int:
+    """Write the digits as ``<output>/<digit>/<n>.png``; returns how many images were written."""
+    count = 0
+    for n, digit, png in iter_digits():
+        st.write_bytes(st.join(output_uri, str(digit), f"{n:04d}.png"), png, storage)
+        count += 1
+    return count

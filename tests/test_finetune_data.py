@@ -1,0 +1,137 @@
+"""Labelled sets, the train/validation split, HyperRule augmentation and the digits writer (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bitray import data as bdata
+from bitray.errors import BitrayError
+from bitray.images import decode_image
+
+
+def _png(path: Path, value: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def test_class_folders_are_listed_with_their_labels(tmp_path):
+    for label in ("cat", "dog"):
+        for i in range(3):
+            _png(tmp_path / label / f"{i}.png")
+    _png(tmp_path / "stray.png")  # beside the class folders: no label, not listed
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    pairs = bdata.list_labelled(str(tmp_path))
+    assert [label for _, label in pairs] == ["cat"] * 3 + ["dog"] * 3
+    assert all(Path(p).is_file() and p.endswith(".png") for p, _ in pairs)
+
+
+def test_manifest_csv_with_relative_and_absolute_paths(tmp_path):
+    _png(tmp_path / "imgs" / "a.png")
+    _png(tmp_path / "elsewhere" / "b.png")
+    manifest = tmp_path / "train.csv"
+    manifest.write_text(f"path,label\nimgs/a.png,one\n{tmp_path / 'elsewhere' / 'b.png'},two\n")
+    assert bdata.list_labelled(str(manifest)) == [
+        (str(tmp_path / "elsewhere" / "b.png"), "two"),
+        (f"{tmp_path}/imgs/a.png", "one"),
+    ]
+
+
+def test_manifest_parquet_and_missing_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"path": ["x.png"], "label": [3]}), tmp_path / "m.parquet")
+    assert bdata.list_labelled(str(tmp_path / "m.parquet")) == [(f"{tmp_path}/x.png", "3")]
+    pq.write_table(pa.table({"file": ["x.png"]}), tmp_path / "bad.parquet")
+    with pytest.raises(BitrayError, match="lacks column"):
+        bdata.list_labelled(str(tmp_path / "bad.parquet"))
+
+
+def test_empty_or_single_class_data_is_refused(tmp_path):
+    with pytest.raises(BitrayError, match="no labelled images"):
+        bdata.make_sets(str(tmp_path), None, 0.2)
+    for i in range(3):
+        _png(tmp_path / "only" / f"{i}.png")
+    with pytest.raises(BitrayError, match="at least 2"):
+        bdata.make_sets(str(tmp_path), None, 0.2)
+
+
+def test_split_is_stratified_deterministic_and_disjoint():
+    pairs = [(f"s3://b/{label}/{i}.png", label) for label in "abc" for i in range(10 if label != "c" else 2)]
+    train, val = bdata.split_pairs(pairs, 0.2, seed=1)
+    assert sorted(train + val) == sorted(pairs) and not set(train) & set(val)
+    assert sorted(label for _, label in val) == ["a", "a", "b", "b", "c"]  # 20% of 10, at least 1 of 2
+    assert bdata.split_pairs(list(reversed(pairs)), 0.2, seed=1) == (train, val)
+    assert bdata.split_pairs(pairs, 0.2, seed=2) != (train, val)
+
+
+def test_validation_folder_with_unknown_label_is_refused(tmp_path):
+    for label in ("a", "b"):
+        _png(tmp_path / "train" / label / "0.png")
+    _png(tmp_path / "val" / "z" / "0.png")
+    with pytest.raises(BitrayError, match=r"labels not in .*\['z'\]"):
+        bdata.make_sets(str(tmp_path / "train"), str(tmp_path / "val"), 0.2)
+
+
+def test_random_crop_and_flip_are_random_and_in_range():
+    rng = np.random.default_rng()
+    images = np.zeros((64, 10, 10, 3), np.uint8)
+    images[:, :, :5] = 255  # left half white: a flip moves it to the right
+    out = bdata.random_crop_flip(images, 8, rng)
+    assert out.shape == (64, 8, 8, 3) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    left_white = out[:, :, 0, 0] == 1.0
+    flipped = ~left_white.all(axis=1)
+    assert 0 < flipped.sum() < 64  # some flipped, some not
+    crops = {tuple(np.round(o[0, :, 0], 3)) for o in out}
+    assert len(crops) > 1  # different horizontal offsets across the batch
+
+
+def test_mixup_uses_one_lambda_per_batch_and_is_off_at_zero():
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 4, 4, 3)).astype(np.float32)
+    y = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 16)]
+    same_x, same_y = bdata.mixup(x, y, 0.0, rng)
+    assert same_x is x and same_y is y
+    mixed_x, mixed_y = bdata.mixup(x, y, 1.0, rng)  # Beta(1, 1): lambda far from 0 and 1 at this seed
+    np.testing.assert_allclose(mixed_y.sum(axis=1), 1.0, rtol=1e-6)
+    weights = {round(float(row.max()), 5) for row in mixed_y if np.count_nonzero(row) == 2}
+    assert len(weights) <= 1  # every two-label row mixes with the same lambda
+    assert not np.allclose(mixed_x, x)
+
+
+def test_write_digits_writes_the_real_digits(tmp_path):
+    assert bdata.write_digits(str(tmp_path)) == 1797
+    files = sorted(tmp_path.rglob("*.png"))
+    assert len(files) == 1797 and sorted({f.parent.name for f in files}) == [str(d) for d in range(10)]
+    first = decode_image((tmp_path / "0" / "0000.png").read_bytes())
+    assert (first.width, first.height) == (8, 8)
+    from sklearn.datasets import load_digits
+
+    expected = np.round(load_digits().images[0] * 255 / 16).astype(np.uint8)
+    np.testing.assert_array_equal(first.pixels[:, :, 0], expected)
+
+
+def test_cli_writes_digits_and_refuses_finetune_without_data(tmp_path, capsys):
+    from bitray.cli import main
+
+    assert main(["data", "digits", "--output", str(tmp_path / "digits")]) == 0
+    assert len(list((tmp_path / "digits").rglob("*.png"))) == 1797
+    assert main(["finetune", "--output", str(tmp_path / "model")]) == 2
+    assert "no training data given; pass --data" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_worker_count_that_does_not_divide_the_batch(tmp_path, capsys):
+    from bitray.cli import main
+
+    for label in ("a", "b"):
+        for i in range(3):
+            _png(tmp_path / "data" / label / f"{i}.png")
+    code = main(["finetune", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "m"),
+                 "--workers", "3", "--batch-size", "64", "--model", "random:tiny"])
+    assert code == 2
+    assert "must be divisible by workers 3" in capsys.readouterr().err
