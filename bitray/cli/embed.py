@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument(
         "--model",
         metavar="SPEC",
-        help="bit-s-r101x1 (default), hub:URL, npz:PATH, savedmodel:DIR or random:ARCH",
+        help="bit-s-r101x1 (default), hub:URL, npz:PATH, savedmodel:DIR, models:/NAME@ALIAS or random:ARCH",
     )
     embed.add_argument(
         "--config", metavar="FILE.yaml", help="EmbedConfig YAML (see pipelines/configs/embed.yaml)"
