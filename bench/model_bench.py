@@ -5,6 +5,8 @@
 
 Variants: ``plain`` (weight standardization on every call, as trained), ``folded`` (kernels standardized
 once: a pure function of the weights, for inference), and ``+xla`` of each (``jit_compile=True``).
+Group Norm choices (``--gn``): ``fused`` (bitray's default: each ReLU fused with the Group Norm scale and
+offset by XLA, one pass over the activations) and ``unfused`` (a separate ReLU layer: three passes).
 Every model runs inside one ``tf.function``. Models take turns, one batch each per round, so load from
 other processes hits them alike; the table gives the median and the best round, in images/s and as a
 ratio to ResNet101V2, and images per CPU-second of the whole process (least distorted by load).
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per model (tracing, XLA)")
     parser.add_argument("--archs", default="r50x1,r101x1")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
+    parser.add_argument("--gn", default="fused,unfused", help="Group Norm + ReLU: fused, unfused or both")
     args = parser.parse_args()
 
     images = tf.constant(np.random.default_rng(0).random((args.batch, args.size, args.size, 3), np.float32))
@@ -55,16 +58,22 @@ def main() -> None:
     candidates["keras ResNet101V2"] = (baseline, False)
     if any(v.endswith("+xla") for v in variants):
         candidates["keras ResNet101V2 +xla"] = (baseline, True)
+    gn_choices = [g.strip() for g in args.gn.split(",") if g.strip()]
     for arch in (a.strip() for a in args.archs.split(",") if a.strip()):
-        plain = build_bit(arch)
-        folded = (
-            fold_weight_standardization(build_bit(arch))
-            if any(v.startswith("fold") for v in variants)
-            else None
-        )
-        for variant in variants:
-            model = folded if variant.startswith("folded") else plain
-            candidates[f"bitray {arch} {variant}"] = (model, variant.endswith("+xla"))
+        for gn in gn_choices:
+            if gn not in ("fused", "unfused"):
+                parser.error(f"--gn takes fused and/or unfused, not {gn!r}")
+            fused = gn == "fused"
+            plain = build_bit(arch, fuse_gn_relu=fused)
+            folded = (
+                fold_weight_standardization(build_bit(arch, fuse_gn_relu=fused))
+                if any(v.startswith("fold") for v in variants)
+                else None
+            )
+            for variant in variants:
+                model = folded if variant.startswith("folded") else plain
+                suffix = "" if gn == "fused" else " unfused-gn"
+                candidates[f"bitray {arch} {variant}{suffix}"] = (model, variant.endswith("+xla"))
 
     forwards = {name: forward_fn(model, xla) for name, (model, xla) in candidates.items()}
     for name, forward in forwards.items():
@@ -96,7 +105,7 @@ def main() -> None:
     per_cpu = {name: args.iters * args.batch / cpu for name, cpu in cpu_seconds.items()}
     base_cpu = per_cpu["keras ResNet101V2"]
     columns = ("median img/s", "ratio", "best img/s", "ratio", "img/cpu-s", "ratio")
-    print(f"{'model':28}" + "".join(f" {c:>12}" for c in columns))
+    print(f"{'model':40}" + "".join(f" {c:>12}" for c in columns))
     for name, values in seconds.items():
         median, best = rate(values, statistics.median), rate(values, min)
         cells = (
@@ -107,7 +116,7 @@ def main() -> None:
             f"{per_cpu[name]:.2f}",
             f"{per_cpu[name] / base_cpu:.2f}x",
         )
-        print(f"{name:28}" + "".join(f" {c:>12}" for c in cells))
+        print(f"{name:40}" + "".join(f" {c:>12}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -61,8 +61,10 @@ def test_driver_sigkill_then_restart_with_same_run_id(ray_local, tmp_path, capsy
         wait_for(lambda: len(commits(out, "killed")) >= 3 or proc.poll() is not None, 240, "3 commits")
         assert proc.poll() is None, "the run ended before it could be killed; give it more work"
 
-        # the lock: a second run over the same output is refused while the first works
-        code = main(["embed", "--input", str(src), "--output", str(out), "--model", "random:tiny"])
+        # the lock: a second (incremental) run over the same output is refused while the first works
+        code = main(
+            ["embed", "--input", str(src), "--output", str(out), "--model", "random:tiny", "--incremental"]
+        )
         assert code != 0
         assert "another bitray run is working on" in capsys.readouterr().err
 

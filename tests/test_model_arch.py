@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 
 from bitray.errors import BitrayError
 from bitray.model.bit import (
@@ -92,10 +93,11 @@ def test_arch_names() -> None:
         get_variant("r34x1")
 
 
-def test_group_norm_matches_numpy() -> None:
+@pytest.mark.parametrize("relu", [False, True])
+def test_group_norm_matches_numpy(relu: bool) -> None:
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((2, 5, 6, 128)) * 3 + 7).astype(np.float32)
-    layer = GroupNorm()
+    layer = GroupNorm(relu=relu)
     layer.build(x.shape)
     gamma, beta = rng.standard_normal(128).astype(np.float32), rng.standard_normal(128).astype(np.float32)
     layer.set_weights([gamma, beta])
@@ -103,7 +105,26 @@ def test_group_norm_matches_numpy() -> None:
     mean = grouped.mean(axis=(1, 3), keepdims=True)
     var = grouped.var(axis=(1, 3), keepdims=True)  # population variance
     expected = ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape) * gamma + beta
+    if relu:
+        expected = np.maximum(expected, 0)
+        assert (expected == 0).mean() > 0.2  # the ReLU really clips
     np.testing.assert_allclose(layer(x).numpy(), expected, atol=2e-5)
+
+
+def test_fused_group_norm_relu_gives_the_same_features_and_gradients() -> None:
+    fused, unfused = build_bit("tiny"), build_bit("tiny", fuse_gn_relu=False)
+    assert [w.name for w in fused.weights] == [w.name for w in unfused.weights]
+    assert "block1/unit01/a/relu" in [layer.name for layer in unfused.layers]
+    images = np.random.default_rng(5).random((2, 40, 40, 3), np.float32)
+    np.testing.assert_allclose(fused(images).numpy(), unfused(images).numpy(), atol=1e-4)
+
+    def gradients(model: tf_keras.Model) -> list[np.ndarray]:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(model(images, training=True)))
+        return [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+
+    for got, expected in zip(gradients(fused), gradients(unfused), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
 
 
 def test_group_norm_uses_epsilon_1e_5() -> None:
