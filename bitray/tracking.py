@@ -92,11 +92,12 @@ class MetricLogger:
         self._warned_at = 0.0
         self._active = False
         quick_failures()
+        self._client = _client(tracking_uri)
         with self._guard("resume the run"):
             import mlflow
 
             mlflow.set_tracking_uri(tracking_uri)
-            history = _client(tracking_uri).get_metric_history(run_id, LOSS_METRIC)
+            history = self._client.get_metric_history(run_id, LOSS_METRIC)
             self.last_logged = max((m.step for m in history), default=-1)
             mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics and _has_psutil())
             self._active = True
@@ -115,12 +116,12 @@ class MetricLogger:
         if step <= self.last_logged:
             return
         with self._guard(f"log metrics at step {step}"):
-            _client(self.tracking_uri).log_batch(self.run_id, metrics=_metrics(metrics, step))
+            self._client.log_batch(self.run_id, metrics=_metrics(metrics, step))
             self.last_logged = step
 
     def set_tag(self, key: str, value: str) -> None:
         with self._guard(f"set tag {key}"):
-            _client(self.tracking_uri).set_tag(self.run_id, key, value)
+            self._client.set_tag(self.run_id, key, value)
 
     def close(self) -> None:
         if self._active:
