@@ -263,10 +263,11 @@ def model_only(args: argparse.Namespace, images: list[bytes]) -> dict:
         loaded = load_model(f"random:{args.arch}")
         arrays = np.stack([load_for_model(data, (args.size, args.size)) for data in images])
         batches = [arrays[i : i + args.batch_size] for i in range(0, len(arrays), args.batch_size)]
-        loaded.model(batches[0], training=False)  # build and warm up
+        forward = loaded.inference_function()  # the same traced graph the pipeline's actors run
+        forward(batches[0])  # trace and warm up
         start = time.perf_counter()
         for batch in batches:
-            np.asarray(loaded.model(batch, training=False))
+            np.asarray(forward(batch))
         seconds = time.perf_counter() - start
     finally:
         tf_keras.mixed_precision.set_global_policy("float32")

@@ -20,8 +20,10 @@ import json
 import logging
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -61,6 +63,16 @@ class LoadedModel:
     arch: str | None
     feature_dim: int
     num_classes: int | None = None
+
+    def inference_function(self) -> Callable[[Any], Any]:
+        """The model as one traced TF graph for inference (``training=False``), any batch and image size.
+
+        Calling a deep Keras model eagerly runs it op by op from Python; a traced graph lets TensorFlow
+        schedule the whole forward pass, which on CPU is markedly faster for R101x1.
+        """
+        model = self.model
+        spec = tf.TensorSpec([None, None, None, 3], tf.float32)
+        return tf.function(lambda images: model(images, training=False), input_signature=[spec])
 
 
 def normalize_spec(spec: str) -> str:
