@@ -44,7 +44,8 @@ def list_labelled(uri: str, storage: StorageConfig | None = None) -> list[tuple[
     if uri.lower().endswith(MANIFEST_SUFFIXES):
         pairs = _read_manifest(uri, storage)
     else:
-        root = uri.rstrip("/")
+        # local listings give absolute paths: compare against the absolute root, whatever the user typed
+        root = uri.rstrip("/") if st.is_remote(uri) else str(st.local_path(uri))
         pairs = []
         for obj in st.list_objects(root, extensions=IMAGE_EXTENSIONS, storage=storage):
             relative = obj.uri[len(root) :].lstrip("/")

@@ -29,6 +29,14 @@ def test_class_folders_are_listed_with_their_labels(tmp_path):
     assert all(Path(p).is_file() and p.endswith(".png") for p, _ in pairs)
 
 
+def test_class_folders_given_as_a_relative_path(tmp_path, monkeypatch):
+    for label in ("cat", "dog"):
+        _png(tmp_path / "set" / label / "0.png")
+    monkeypatch.chdir(tmp_path)
+    for root in ("./set", "set/", "set"):
+        assert [label for _, label in bdata.list_labelled(root)] == ["cat", "dog"]
+
+
 def test_manifest_csv_with_relative_and_absolute_paths(tmp_path):
     _png(tmp_path / "imgs" / "a.png")
     _png(tmp_path / "elsewhere" / "b.png")
