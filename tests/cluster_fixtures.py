@@ -27,6 +27,21 @@ VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 120
 
 
+def tiny_embed_config(inputs: str, output: str, **extra) -> dict:
+    """An EmbedConfig mapping small enough for a job on the test head (random:tiny, 32 px, 1 actor)."""
+    return {
+        "inputs": [inputs],
+        "output": output,
+        "model": "random:tiny",
+        "image_size": 32,
+        "batch_size": 2,
+        "actors_min": 1,
+        "actors_max": 1,
+        "cpus_per_actor": 1,
+        **extra,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from cluster_fixtures import tiny_embed_config
 from PIL import Image
 
 from bitray.cli import main
@@ -33,20 +34,6 @@ def png(seed: int, size: int = 40) -> bytes:
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
-
-
-def tiny_embed_config(inputs: str, output: str, **extra) -> dict:
-    return {
-        "inputs": [inputs],
-        "output": output,
-        "model": "random:tiny",
-        "image_size": 32,
-        "batch_size": 2,
-        "actors_min": 1,
-        "actors_max": 1,
-        "cpus_per_actor": 1,
-        **extra,
-    }
 
 
 def free_address() -> str:

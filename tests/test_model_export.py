@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_hub as hub
 import tf_keras
+from model_fixtures import random_head_classifier
 
 from bitray.cli import main
 from bitray.errors import BitrayError
@@ -24,11 +25,7 @@ IMAGES = np.random.default_rng(0).random((4, 48, 48, 3), np.float32)
 
 @pytest.fixture(scope="module")
 def classifier() -> LoadedModel:
-    loaded = load_model("random:tiny", num_classes=3, trainable=True)
-    head = loaded.model.get_layer("head/conv2d")
-    rng = np.random.default_rng(1)
-    head.set_weights([rng.standard_normal(w.shape).astype(np.float32) for w in head.get_weights()])
-    return loaded
+    return random_head_classifier(3)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_fixtures import random_head_classifier
 
 from bitray.errors import BitrayError
 from bitray.model import LoadedModel, load_model
@@ -18,12 +19,7 @@ IMAGES = np.random.default_rng(0).random((3, 40, 40, 3), np.float32)
 
 @pytest.fixture(scope="module")
 def classifier() -> LoadedModel:
-    """random:tiny with a 5-class head whose weights are not zero (so loading it is visible)."""
-    loaded = load_model("random:tiny", num_classes=5, trainable=True)
-    head = loaded.model.get_layer("head/conv2d")
-    rng = np.random.default_rng(1)
-    head.set_weights([rng.standard_normal(w.shape).astype(np.float32) for w in head.get_weights()])
-    return loaded
+    return random_head_classifier(5)
 
 
 @pytest.fixture(scope="module")

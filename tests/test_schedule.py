@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from cluster_fixtures import tiny_embed_config
 from PIL import Image
 
 from bitray.errors import BitrayError
@@ -147,20 +148,7 @@ def test_three_windows_embed_every_version_once_across_restarts(ray_head, mlflow
     write_png(images / "a.png", 1)
     write_png(images / "b.png", 2)
     config = tmp_path / "nightly.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "inputs": [str(images)],
-                "output": str(output),
-                "model": "random:tiny",
-                "image_size": 32,
-                "batch_size": 2,
-                "actors_min": 1,
-                "actors_max": 1,
-                "cpus_per_actor": 1,
-            }
-        )
-    )
+    config.write_text(yaml.safe_dump(tiny_embed_config(str(images), str(output))))
     jobs = Jobs(ray_head)
     state = str(tmp_path / "schedule-state.json")
     clock = Clock(at(0))
