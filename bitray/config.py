@@ -72,7 +72,10 @@ class EmbedConfig(Section):
     image_size: int | tuple[int, int] = 224
     """Model input size, ``224`` or ``[height, width]``; images are resized straight to it (no crop)."""
     batch_size: int = Field(32, ge=1)
-    """Images per model call; also the unit that is committed to the output at once."""
+    """Images per model call (and per decoded block travelling from the CPU stage to the actors)."""
+    rows_per_file: int = Field(8192, ge=1)
+    """Images per output Parquet file, the unit committed at once: 8,192 rows are about 64 MB at 2048-d,
+    so 100 million images make about 12,200 files."""
     actors_min: int = Field(1, ge=1)
     actors_max: int | None = Field(None, ge=1)
     """Autoscaling pool of embedding actors; default: one per GPU, or half the CPUs' worth on CPU."""
@@ -85,6 +88,9 @@ class EmbedConfig(Section):
     max_pixels: int | None = Field(None, ge=1)
     """Decompression-bomb limit per image; default: the images module's limit."""
     output: str = "./bitray-output/embeddings"
+    shared_storage: bool = False
+    """Local input/output paths are on storage every Ray node mounts (e.g. NFS). Without it, local paths
+    are refused on a cluster of more than one node or through a ``ray://`` client."""
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     """Resume or re-run a run by its id; default: a new id, printed at the start."""
     incremental: bool = False

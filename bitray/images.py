@@ -136,9 +136,13 @@ def resize_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize((out_w, out_h), Image.Resampling.BILINEAR))
 
 
-def load_for_model(data: bytes, size: tuple[int, int], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded bytes -> float32 ``[h, w, 3]`` model input: ``decode_image(min_size=size)``, then resize."""
-    return resize_for_model(decode_image(data, max_pixels=max_pixels, min_size=size).pixels, size)
+def prepare_for_model(
+    data: bytes, size: tuple[int, int], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, int, int]:
+    """Encoded bytes -> (uint8 ``[h, w, 3]`` at ``size``, stored width, stored height): what the embedding
+    pipeline and its benchmark feed the model (which scales to [0, 1] itself)."""
+    decoded = decode_image(data, max_pixels=max_pixels)
+    return resize_pixels(decoded.pixels, size), decoded.width, decoded.height
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

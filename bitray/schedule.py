@@ -347,9 +347,9 @@ class Scheduler:
 
     def _counts(self, run_id: str) -> tuple[dict[str, float], str]:
         """The run's counts from the summary it wrote under the output (its run id is the submission id)."""
-        from bitray.ledger import RunLayout
+        from bitray.embed.run import output_layout
 
-        layout = RunLayout(self.config.output, self.config.storage)
+        layout = output_layout(self.config)
         try:
             summary = layout.read_summary(run_id)
         except BitrayError as exc:

@@ -398,3 +398,116 @@ def list_names(uri: str, storage: StorageConfig | None = None) -> list[str]:
     except OSError as exc:
         raise BitrayError(f"cannot list {uri!r}: {exc}") from None
     return sorted(info.base_name for info in infos)
+
+
+# -- S3 multipart uploads: how the embedding pipeline stages and commits its output files -----------------
+#
+# An upload that is not completed is invisible to every reader (LIST and GET alike), and completing it
+# makes the whole object appear at once. Writers upload parts; a single committer completes or aborts.
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A multipart upload of one object whose parts are uploaded but which is not completed yet."""
+
+    uri: str
+    upload_id: str
+    parts: tuple[tuple[int, str], ...]  # (part number, ETag)
+
+
+MULTIPART_PART_BYTES = 64 * 2**20
+
+
+def upload_parts(uri: str, data: bytes, storage: StorageConfig) -> PendingUpload:
+    """Start a multipart upload of ``data`` to ``uri`` and upload its parts, without completing it."""
+    client = s3_client(storage)
+    bucket, key = split_bucket(uri)
+    with s3_errors(uri, storage):
+        upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        parts = []
+        view = memoryview(data)
+        for number, start in enumerate(range(0, max(len(data), 1), MULTIPART_PART_BYTES), start=1):
+            chunk = view[start : start + MULTIPART_PART_BYTES]
+            etag = client.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=bytes(chunk)
+            )["ETag"]
+            parts.append((number, etag))
+    return PendingUpload(uri, upload_id, tuple(parts))
+
+
+def complete_upload(upload: PendingUpload, storage: StorageConfig) -> bool:
+    """Complete ``upload``: its object appears whole. Idempotent: True when the object exists afterwards,
+    False when the upload is gone and the object does not exist (aborted, or expired by a lifecycle rule)."""
+    from botocore.exceptions import ClientError
+
+    client = s3_client(storage)
+    bucket, key = split_bucket(upload.uri)
+    parts = [{"PartNumber": number, "ETag": etag} for number, etag in upload.parts]
+    with s3_errors(upload.uri, storage):
+        try:
+            client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload.upload_id, MultipartUpload={"Parts": parts}
+            )
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code", "") not in ("NoSuchUpload", "404"):
+                raise
+        return exists(upload.uri, storage)  # completed by an earlier attempt, or gone
+
+
+def abort_upload(uri: str, upload_id: str, storage: StorageConfig) -> None:
+    """Abort a multipart upload; an upload that is already gone is not an error."""
+    from botocore.exceptions import ClientError
+
+    client = s3_client(storage)
+    bucket, key = split_bucket(uri)
+    with s3_errors(uri, storage):
+        try:
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code", "") not in ("NoSuchUpload", "404"):
+                raise
+
+
+def pending_uploads(prefix_uri: str, storage: StorageConfig) -> Iterator[tuple[str, str]]:
+    """(object URI, upload id) of each multipart upload in progress under ``prefix_uri``, paged."""
+    client = s3_client(storage)
+    bucket, prefix = split_bucket(prefix_uri)
+    with s3_errors(prefix_uri, storage):
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                yield f"s3://{bucket}/{upload['Key']}", upload["UploadId"]
+
+
+def move_file(src: str, dst: str, storage: StorageConfig | None = None) -> bool:
+    """Make ``src`` appear whole as ``dst``: a rename locally, a server-side copy then a delete elsewhere.
+
+    Idempotent: True when ``dst`` exists afterwards, False when neither exists (nothing to move).
+    """
+    fs, src_path = filesystem_for(src, storage)
+    _, dst_path = filesystem_for(dst, storage)
+    try:
+        if fs.get_file_info(src_path).type == pafs.FileType.NotFound:
+            return fs.get_file_info(dst_path).type != pafs.FileType.NotFound
+        if isinstance(fs, pafs.LocalFileSystem):
+            Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src_path, dst_path)  # atomic on one filesystem
+        else:
+            fs.copy_file(src_path, dst_path)  # a server-side copy: the object appears whole
+            fs.delete_file(src_path)
+    except OSError as exc:
+        raise BitrayError(f"cannot move {src!r} to {dst!r}: {exc}") from None
+    return True
+
+
+def delete_tree(uri: str, storage: StorageConfig | None = None) -> None:
+    """Remove a directory or prefix and everything under it (batched deletes on object stores)."""
+    fs, path = filesystem_for(uri, storage)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise BitrayError(f"cannot delete {uri!r}: {exc}") from None

@@ -45,7 +45,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="embed only object versions not yet recorded under --output",
     )
-    embed.add_argument("--batch-size", type=int, metavar="N", help="images per model call and per commit")
+    embed.add_argument("--batch-size", type=int, metavar="N", help="images per model call")
+    embed.add_argument(
+        "--rows-per-file", type=int, metavar="N", help="images per output Parquet file (default 8192)"
+    )
+    embed.add_argument(
+        "--shared-storage",
+        action="store_true",
+        default=None,
+        help="local paths are mounted at the same place on every Ray node (checked)",
+    )
+    embed.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list and compare with earlier runs, print what a run would do; write nothing, start no Ray",
+    )
     embed.add_argument("--image-size", type=int, metavar="PX", help="model input size (default 224)")
     embed.add_argument("--actors", metavar="MIN[:MAX]", help="autoscaling embedding actor pool size")
     embed.add_argument("--gpus-per-actor", type=float, metavar="N")
@@ -74,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_embed(args: argparse.Namespace) -> int:
     from bitray.config import EmbedConfig, load_config
-    from bitray.embed import run_embedding
+    from bitray.embed import dry_run_embedding, run_embedding
 
     overrides = {
         "inputs": args.inputs,
@@ -84,12 +98,17 @@ def run_embed(args: argparse.Namespace) -> int:
         "run_id": args.run_id,
         "incremental": args.incremental,
         "batch_size": args.batch_size,
+        "rows_per_file": args.rows_per_file,
+        "shared_storage": args.shared_storage,
         "image_size": args.image_size,
         "gpus_per_actor": args.gpus_per_actor,
         "cpus_per_actor": args.cpus_per_actor,
         **parse_actors(args.actors),
     }
     config = load_config(EmbedConfig, args.config, overrides)
+    if args.dry_run:
+        print_dry_run(dry_run_embedding(config))
+        return 0
     summary = run_embedding(config, address=args.address)
     print_summary(summary)
     return 0
@@ -110,6 +129,24 @@ def parse_actors(text: str | None) -> dict[str, int]:
 def print_summary(summary) -> None:  # noqa: ANN001 - bitray.embed.RunSummary, imported lazily
     print(f"bitray: embeddings in {summary.output}/embeddings/, errors in {summary.output}/errors/")
     print(json.dumps(summary.to_dict(), indent=2))
+
+
+def print_dry_run(plan) -> None:  # noqa: ANN001 - bitray.embed.plan.DryRun, imported lazily
+    counts = plan.counts
+    size = f"{plan.estimated_bytes / 2**30:.2f} GiB" if plan.estimated_bytes is not None else "unknown"
+    dim = plan.feature_dim or "unknown"
+    print(f"bitray: dry run of {'an incremental' if plan.incremental else 'a'} run into {plan.output}")
+    print(f"  listed     {counts.listed:>12,}")
+    print(f"  new        {counts.new:>12,}")
+    print(f"  changed    {counts.changed:>12,}")
+    print(f"  unchanged  {counts.unchanged:>12,}")
+    print(f"  model      {plan.model} ({dim}-d embeddings)")
+    print(f"  files      {plan.files:>12,} embeddings file(s) of up to {plan.rows_per_file:,} rows, ~{size}")
+    if plan.unfinished_runs:
+        print(f"  first finishes the interrupted run(s) {', '.join(plan.unfinished_runs)}")
+    if plan.refused:
+        print(f"  refused: {plan.refused}")
+    print(json.dumps(plan.to_dict(), default=str))
 
 
 def run_demo(args: argparse.Namespace) -> int:

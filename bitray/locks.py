@@ -1,22 +1,4 @@
-"""Incremental runs (embed only object versions not yet recorded) and the lock that serialises runs.
-
-What is recorded: every finished run's manifest (``_bitray/runs/<run>/manifest.parquet``) lists the
-(path, version) pairs it accounted for, as an embedding or an error row. An incremental run first finishes
-any unfinished run under the output (so no recorded version is ever left half-done or redone under a new
-run id), then lists its inputs and keeps the versions no manifest has. A version that failed to decode is
-recorded too: it is retried only when the object changes.
-
-The lock (``OUT/_bitray/lock``) makes "two runs over one output never work at the same time" hold:
-
-- local output: ``fcntl.flock`` on the lock file. The kernel releases it when the process dies, even by
-  SIGKILL, so a crashed run never blocks the next one. The holder's identity is written into the file.
-- ``s3://``: a lease object created with a conditional PUT (``If-None-Match: *``: only one creator wins),
-  renewed by a heartbeat thread with ``If-Match: <its ETag>`` and released with a conditional delete. An
-  expired lease (holder silent for ``lock_ttl_s``) is taken over with ``If-Match`` on the stale ETag, so two
-  takers cannot both win. A run resuming its own run id may take over its own lease at once (its files
-  have fixed names, so even two drivers of the same run cannot duplicate a row).
-- ``gs://``: the same lease without conditional writes (pyarrow has none): best effort, documented.
-"""
+"""TEMPORARY shim (replaced by the storage branch's fencing locks): the old RunLock plus ``check``."""
 
 from __future__ import annotations
 
@@ -28,32 +10,30 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from bitray import storage
+from bitray.config import StorageConfig
 from bitray.errors import BitrayError
-from bitray.ledger import RunLayout
-from bitray.storage import ObjectInfo
 
 log = logging.getLogger(__name__)
 
 
-def recorded_versions(layout: RunLayout) -> set[tuple[str, str]]:
-    """(path, version) of every object version a run under ``layout`` has accounted for."""
-    seen: set[tuple[str, str]] = set()
-    for run_id in layout.run_ids():
-        manifest = layout.read_manifest(run_id)
-        if manifest is not None:
-            seen.update(
-                zip(manifest.column("path").to_pylist(), manifest.column("version").to_pylist(), strict=True)
-            )
-    return seen
+class LockLost(BitrayError):
+    """The lease was lost."""
 
 
-def select_new(objects: Iterable[ObjectInfo], recorded: set[tuple[str, str]]) -> list[ObjectInfo]:
-    """The listed objects whose current version no run has recorded (new or changed objects)."""
-    return [obj for obj in objects if (obj.uri, obj.version) not in recorded]
+@dataclass(frozen=True)
+class _Where:
+    output: str
+    state_dir: str
+    storage: StorageConfig
+
+
+def open_lock(lock_uri: str, run_id: str, *, storage: StorageConfig, ttl_s: float = 120.0) -> RunLock:
+    state_dir = lock_uri.rsplit("/", 1)[0]
+    return RunLock(_Where(state_dir.rsplit("/", 1)[0], state_dir, storage), run_id, ttl_s)
 
 
 class LockHeld(BitrayError):
@@ -63,7 +43,7 @@ class LockHeld(BitrayError):
 class RunLock:
     """Exclusive right to run over one output prefix; a context manager. See the module docstring."""
 
-    def __init__(self, layout: RunLayout, run_id: str, ttl_s: float = 120.0) -> None:
+    def __init__(self, layout, run_id: str, ttl_s: float = 120.0) -> None:  # noqa: ANN001
         self.layout = layout
         self.run_id = run_id
         self.ttl_s = ttl_s
@@ -197,6 +177,10 @@ class RunLock:
                 self.lost = True
                 log.error("lost the lock %s to another run; stop this run and check the output", self.uri)
                 return
+
+    def check(self) -> None:
+        if self.lost:
+            raise LockLost(f"lost the lock {self.uri}")
 
     def release(self) -> None:
         if self._fd is not None:

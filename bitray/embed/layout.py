@@ -1,0 +1,141 @@
+"""Where an embedding output keeps its data and its state, and the schemas of its Parquet files.
+
+::
+
+    OUT/embeddings/part-<run>-<uid>.parquet        embeddings: many images per file (``rows_per_file``)
+    OUT/errors/part-<run>-<uid>.parquet            one row per image that could not be embedded
+    OUT/_bitray/lock                               the output's lock (``bitray.locks``)
+    OUT/_bitray/state/current.json                 incremental state: finished runs, recorded versions
+    OUT/_bitray/state/base-<n>/part-<k>.parquet    compacted recorded versions, sorted by path
+    OUT/_bitray/runs/<run>/manifest/part-<k>.parquet   the run's inputs, sorted by path, numbered rows
+    OUT/_bitray/runs/<run>/run.json                the run's parameters (``RunParams``): marks it begun
+    OUT/_bitray/runs/<run>/log/<seq>[-full].json   the commit log (``bitray.embed.commit``)
+    OUT/_bitray/runs/<run>/staging/                staged files not committed yet (local and gs://)
+    OUT/_bitray/runs/<run>/summary.json            written when every input is accounted for
+
+Readers only ever see files under ``embeddings/`` and ``errors/``, and only committed ones; the ``_``
+prefix keeps bitray's state out of pyarrow, pandas and Ray readers of the output prefix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from bitray import storage
+from bitray.config import StorageConfig
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("stage", pa.string()),  # read / decode / embed
+        ("error", pa.string()),  # "Type: message"
+        ("etag", pa.string()),
+        ("size", pa.int64()),
+        ("mtime", pa.timestamp("ns", tz="UTC")),
+        ("run_id", pa.string()),
+    ]
+)
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+            ("model", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("etag", pa.string()),
+            ("size", pa.int64()),
+            ("mtime", pa.timestamp("ns", tz="UTC")),
+            ("run_id", pa.string()),
+        ]
+    )
+
+
+DATA_KINDS = ("embeddings", "errors")
+
+
+def part_name(run_id: str, uid: str) -> str:
+    return f"part-{run_id}-{uid}.parquet"
+
+
+def run_of_part(name: str) -> str | None:
+    """The run id in a data file's name (``part-<run>-<uid>.parquet``), or None for another file."""
+    if not (name.startswith("part-") and name.endswith(".parquet")):
+        return None
+    run, sep, _ = name[len("part-") : -len(".parquet")].rpartition("-")
+    return run if sep else None
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """The URIs of one output prefix."""
+
+    output: str
+    storage: StorageConfig
+
+    def data_dir(self, kind: str) -> str:
+        return storage.join(self.output, kind)
+
+    def data_file(self, kind: str, run_id: str, uid: str) -> str:
+        return storage.join(self.data_dir(kind), part_name(run_id, uid))
+
+    @property
+    def state_dir(self) -> str:
+        return storage.join(self.output, "_bitray")
+
+    @property
+    def lock_uri(self) -> str:
+        return storage.join(self.state_dir, "lock")
+
+    @property
+    def incremental_dir(self) -> str:
+        return storage.join(self.state_dir, "state")
+
+    def run_dir(self, run_id: str) -> str:
+        return storage.join(self.state_dir, "runs", run_id)
+
+    def manifest_dir(self, run_id: str) -> str:
+        return storage.join(self.run_dir(run_id), "manifest")
+
+    def params_file(self, run_id: str) -> str:
+        return storage.join(self.run_dir(run_id), "run.json")
+
+    def log_dir(self, run_id: str) -> str:
+        return storage.join(self.run_dir(run_id), "log")
+
+    def staging_dir(self, run_id: str) -> str:
+        return storage.join(self.run_dir(run_id), "staging")
+
+    def summary_file(self, run_id: str) -> str:
+        return storage.join(self.run_dir(run_id), "summary.json")
+
+    def run_ids(self) -> list[str]:
+        """Every run that has a directory under this output (begun or not): one LIST per 1,000 runs."""
+        runs = storage.join(self.state_dir, "runs")
+        return [name for name in storage.list_names(runs, self.storage) if not name.startswith(".")]
+
+    def is_begun(self, run_id: str) -> bool:
+        return storage.exists(self.params_file(run_id), self.storage)
+
+    def is_finished(self, run_id: str) -> bool:
+        return storage.exists(self.summary_file(run_id), self.storage)
+
+    def read_summary(self, run_id: str) -> dict[str, Any]:
+        return read_json(self.summary_file(run_id), self.storage)
+
+    def write_summary(self, run_id: str, summary: dict[str, Any]) -> None:
+        write_json(self.summary_file(run_id), summary, self.storage)
+
+
+def write_json(uri: str, data: dict[str, Any], storage_config: StorageConfig) -> None:
+    storage.write_bytes(uri, json.dumps(data, indent=1, sort_keys=True).encode(), storage_config)
+
+
+def read_json(uri: str, storage_config: StorageConfig) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(uri, storage_config))

@@ -1,0 +1,133 @@
+"""A run's manifest: every input listed once, sorted by URI, numbered, streamed to Parquet parts.
+
+The driver never holds a listing: objects stream from the listers (S3 pages of 1,000 keys, local walks)
+through a merge of the inputs into ``PART_ROWS``-row Parquet parts, each buffered once and written whole.
+Sorted order is what lets an incremental run compare a listing with what earlier runs recorded in one
+streaming pass (``bitray.embed.state``). Row numbers (``row``) name an input everywhere downstream: decode
+tasks, actors, output files and the commit log speak of row ranges, never of paths.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bitray import storage
+from bitray.config import EmbedConfig, StorageConfig
+from bitray.embed.params import ManifestPart
+from bitray.errors import BitrayError
+from bitray.storage import ObjectInfo
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("path", pa.string()),
+        ("etag", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+    ]
+)
+PART_ROWS = 131_072
+"""Rows per manifest part: about 15 MB of driver memory while a part is written, 760 parts at 100M."""
+CHUNK_ROWS = 8_192
+"""Rows per Arrow record batch and Parquet row group while streaming."""
+
+
+def listed_inputs(config: EmbedConfig, storage_config: StorageConfig) -> Iterator[ObjectInfo]:
+    """Every input object once, in URI order: the sorted listings of all inputs merged, duplicates dropped.
+
+    A ``manifest`` file of URIs is read whole and sorted (it is a list the user wrote); prefixes stream.
+    """
+    uris = list(config.inputs)
+    if config.manifest:
+        text = storage.read_bytes(config.manifest, storage_config).decode("utf-8")
+        uris += sorted(
+            {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+        )
+    if not uris:
+        raise BitrayError("no input given; pass --input URI (or inputs/manifest in the config file)")
+    streams = [
+        _checked_order(uri, storage.list_objects(uri, extensions=config.extensions, storage=storage_config))
+        for uri in uris
+    ]
+    previous: str | None = None
+    for obj in heapq.merge(*streams, key=lambda o: o.uri):
+        if obj.uri != previous:
+            yield obj
+        previous = obj.uri
+
+
+def _checked_order(uri: str, objects: Iterable[ObjectInfo]) -> Iterator[ObjectInfo]:
+    """Pass a listing through, failing loudly if it is not in URI order (a merge would silently mix it)."""
+    previous = ""
+    for obj in objects:
+        if obj.uri < previous:
+            raise BitrayError(f"the listing of {uri!r} is not in key order ({obj.uri!r} after {previous!r})")
+        previous = obj.uri
+        yield obj
+
+
+class ManifestWriter:
+    """Number objects and write them as sorted Parquet parts under ``directory``; memory: one part."""
+
+    def __init__(self, directory: str, storage_config: StorageConfig) -> None:
+        self.directory = directory
+        self.storage = storage_config
+        self.parts: list[ManifestPart] = []
+        self.rows = 0
+        self._batches: list[pa.RecordBatch] = []
+        self._columns: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+
+    def add(self, obj: ObjectInfo) -> None:
+        columns = self._columns
+        columns["row"].append(self.rows)
+        columns["path"].append(obj.uri)
+        columns["etag"].append(obj.etag)
+        columns["size"].append(obj.size)
+        columns["mtime_ns"].append(obj.mtime_ns)
+        self.rows += 1
+        if len(columns["row"]) == CHUNK_ROWS:
+            self._seal_batch()
+        if self.rows % PART_ROWS == 0:
+            self._write_part()
+
+    def close(self) -> list[ManifestPart]:
+        self._seal_batch()
+        self._write_part()
+        return self.parts
+
+    def _seal_batch(self) -> None:
+        if self._columns["row"]:
+            self._batches.append(pa.record_batch(self._columns, schema=MANIFEST_SCHEMA))
+            self._columns = {name: [] for name in MANIFEST_SCHEMA.names}
+
+    def _write_part(self) -> None:
+        if not self._batches:
+            return
+        table = pa.Table.from_batches(self._batches, schema=MANIFEST_SCHEMA)
+        self._batches = []
+        name = f"part-{len(self.parts):05d}.parquet"
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, row_group_size=CHUNK_ROWS)
+        storage.write_bytes(storage.join(self.directory, name), buffer.getvalue().to_pybytes(), self.storage)
+        self.parts.append(ManifestPart(name=name, first_row=self.rows - table.num_rows, rows=table.num_rows))
+
+
+def read_part_batches(
+    uri: str, storage_config: StorageConfig, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """The record batches of one Parquet file, a row group at a time (never the whole file in memory)."""
+    fs, path = storage.filesystem_for(uri, storage_config)
+    try:
+        with fs.open_input_file(path) as stream:
+            yield from pq.ParquetFile(stream).iter_batches(batch_size=CHUNK_ROWS, columns=columns)
+    except FileNotFoundError:
+        raise BitrayError(f"{uri!r} is missing; the output's bitray state was changed by hand") from None
+
+
+def version_of(etag: str | None, size: int, mtime_ns: int | None) -> str:
+    """The same version string as ``ObjectInfo.version``."""
+    return ObjectInfo("", size, mtime_ns, etag).version

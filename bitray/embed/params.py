@@ -1,0 +1,124 @@
+"""What a run was started with, persisted as ``run.json`` and validated when the run resumes.
+
+A run keeps the settings it started with: resuming it with other flags does not change its model, image
+size or manifest, so every row of one run is comparable. The file is written after the manifest, so its
+existence marks a run as begun.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from bitray import __version__, storage
+from bitray.config import EmbedConfig, StorageConfig
+from bitray.embed.layout import OutputLayout
+from bitray.errors import BitrayError
+
+
+class ManifestPart(BaseModel):
+    """One Parquet file of a run's manifest: rows ``[first_row, first_row + rows)`` of the run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    first_row: int
+    rows: int
+
+
+class InputCounts(BaseModel):
+    """What the listing found, against what earlier runs recorded (incremental runs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listed: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+
+    @property
+    def todo(self) -> int:
+        return self.new + self.changed
+
+
+class RunParams(BaseModel):
+    """The typed, persisted parameters of one run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str
+    model: str
+    image_size: tuple[int, int]
+    batch_size: int
+    rows_per_file: int
+    max_pixels: int | None
+    actors_min: int
+    actors_max: int | None
+    gpus_per_actor: float | None
+    cpus_per_actor: float | None
+    mixed_precision: bool
+    incremental: bool
+    inputs: list[str]
+    counts: InputCounts
+    manifest: list[ManifestPart]
+    bitray_version: str = __version__
+
+    @property
+    def rows(self) -> int:
+        return sum(part.rows for part in self.manifest)
+
+    @classmethod
+    def for_run(
+        cls, config: EmbedConfig, run_id: str, counts: InputCounts, manifest: list[ManifestPart]
+    ) -> RunParams:
+        return cls(
+            run_id=run_id,
+            model=config.model,
+            image_size=config.size_hw(),
+            batch_size=config.batch_size,
+            rows_per_file=config.rows_per_file,
+            max_pixels=config.max_pixels,
+            actors_min=config.actors_min,
+            actors_max=config.actors_max,
+            gpus_per_actor=config.gpus_per_actor,
+            cpus_per_actor=config.cpus_per_actor,
+            mixed_precision=config.mixed_precision,
+            incremental=config.incremental,
+            inputs=[*config.inputs, *([config.manifest] if config.manifest else [])],
+            counts=counts,
+            manifest=manifest,
+        )
+
+    def save(self, layout: OutputLayout) -> None:
+        storage.write_bytes(
+            layout.params_file(self.run_id), self.model_dump_json(indent=1).encode(), layout.storage
+        )
+
+    @classmethod
+    def load(cls, layout: OutputLayout, run_id: str) -> RunParams:
+        uri = layout.params_file(run_id)
+        try:
+            params = cls.model_validate_json(storage.read_bytes(uri, layout.storage))
+        except ValidationError as exc:
+            raise BitrayError(
+                f"run {run_id}'s parameters {uri} are unreadable ({exc.error_count()} problem(s), first: "
+                f"{exc.errors()[0]['msg']}); it was written by another bitray version or edited by hand: "
+                "start a new run with another --run-id or --output"
+            ) from None
+        if params.run_id != run_id:
+            raise BitrayError(f"{uri} describes run {params.run_id}, not {run_id}; the output was moved")
+        return params
+
+    def differences(self, config: EmbedConfig) -> list[str]:
+        """Settings of ``config`` that differ from the run's own (the run keeps its own)."""
+        mine = {"model": self.model, "image_size": self.image_size, "batch_size": self.batch_size,
+                "rows_per_file": self.rows_per_file}  # fmt: skip
+        theirs = {"model": config.model, "image_size": config.size_hw(), "batch_size": config.batch_size,
+                  "rows_per_file": config.rows_per_file}  # fmt: skip
+        return [f"{key} {mine[key]} (not {theirs[key]})" for key in mine if mine[key] != theirs[key]]
+
+
+def resolved_storage(config: StorageConfig) -> StorageConfig:
+    """Pin the endpoint and region from the driver's environment: Ray workers may not share it."""
+    return config.model_copy(
+        update={"s3_endpoint": config.resolved_s3_endpoint(), "s3_region": config.resolved_s3_region()}
+    )

@@ -1,0 +1,118 @@
+"""Planning a run on the driver: list the inputs, compare with what earlier runs recorded, write the manifest.
+
+Everything streams: objects flow from the listers through the incremental diff into manifest parts, so the
+driver's memory does not depend on the bucket's size. ``dry_run`` walks the same path and writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from bitray.config import EmbedConfig
+from bitray.embed.layout import OutputLayout
+from bitray.embed.manifest import ManifestWriter, listed_inputs
+from bitray.embed.params import InputCounts, RunParams
+from bitray.embed.state import IncrementalState, diff, recorded_versions
+from bitray.errors import BitrayError
+
+ROW_OVERHEAD_BYTES = 200
+"""Parquet bytes per embedding row beside the vector itself (path, etag, model id, ...), roughly."""
+
+
+def start_run(config: EmbedConfig, layout: OutputLayout, run_id: str, state: IncrementalState) -> RunParams:
+    """List and diff the inputs, write the manifest of what is to do, then ``run.json`` (the run is begun)."""
+    writer = ManifestWriter(layout.manifest_dir(run_id), layout.storage)
+    counts: Counter[str] = Counter()
+    for obj, status in _statuses(config, layout, state):
+        counts[status] += 1
+        if status != "unchanged":
+            writer.add(obj)
+    if not counts:
+        raise BitrayError(_nothing_found(config))
+    params = RunParams.for_run(config, run_id, _input_counts(counts), writer.close())
+    params.save(layout)
+    return params
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a run would do, found without writing anything or starting Ray."""
+
+    output: str
+    model: str
+    incremental: bool
+    counts: InputCounts
+    rows_per_file: int
+    feature_dim: int | None
+    unfinished_runs: list[str]
+    refused: str | None
+
+    @property
+    def files(self) -> int:
+        return math.ceil(self.counts.todo / self.rows_per_file)
+
+    @property
+    def estimated_bytes(self) -> int | None:
+        if self.feature_dim is None:
+            return None
+        return self.counts.todo * (4 * self.feature_dim + ROW_OVERHEAD_BYTES)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "files": self.files, "estimated_bytes": self.estimated_bytes}
+
+
+def dry_run(config: EmbedConfig, layout: OutputLayout, state: IncrementalState, runs: list[str]) -> DryRun:
+    counts: Counter[str] = Counter(status for _, status in _statuses(config, layout, state))
+    if not counts:
+        raise BitrayError(_nothing_found(config))
+    unfinished = [r for r in runs if r not in state.finished]
+    refused = None
+    if not config.incremental and runs and config.run_id not in runs:
+        refused = f"the output already holds run(s) {', '.join(runs[:3])}: a plain run would be refused"
+    return DryRun(
+        output=layout.output,
+        model=config.model,
+        incremental=config.incremental,
+        counts=_input_counts(counts),
+        rows_per_file=config.rows_per_file,
+        feature_dim=feature_dim_of(config.model),
+        unfinished_runs=unfinished,
+        refused=refused,
+    )
+
+
+def _statuses(config: EmbedConfig, layout: OutputLayout, state: IncrementalState):  # noqa: ANN202
+    listed = listed_inputs(config, layout.storage)
+    recorded = recorded_versions(layout, state) if config.incremental else iter(())
+    return diff(listed, recorded)
+
+
+def _input_counts(counts: Counter[str]) -> InputCounts:
+    return InputCounts(
+        listed=sum(counts.values()),
+        new=counts["new"],
+        changed=counts["changed"],
+        unchanged=counts["unchanged"],
+    )
+
+
+def _nothing_found(config: EmbedConfig) -> str:
+    where = ", ".join(config.inputs) or config.manifest
+    return (
+        f"no images found under {where} (extensions {', '.join(config.extensions or ['any'])}); "
+        "check the input prefix and the extensions filter"
+    )
+
+
+def feature_dim_of(spec: str) -> int | None:
+    """The embedding size a model spec gives, when its name says the architecture (no weights loaded)."""
+    found = re.search(r"(r\d+x\d+|tiny)", spec.lower())
+    if found is None:
+        return None
+    from bitray.model.bit import VARIANTS
+
+    variant = VARIANTS.get(found[1])
+    return variant.feature_dim if variant else None

@@ -1,0 +1,293 @@
+"""The run driver: lock the output, plan or resume the run, stream it through Ray, commit, record.
+
+The pipeline (``Dataset`` operators, each a module of this package)::
+
+    manifest parts (read_parquet) -> decode_batch (CPU tasks) -> EmbedActor (autoscaling actor pool)
+        -> write_files (CPU tasks, one staged file per ``rows_per_file`` rows) -> receipts -> driver commits
+
+Nothing but receipts (a few hundred bytes per output file) comes back to the driver, and the driver keeps
+the committed rows as a handful of ranges, so its memory does not depend on the number of images.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bitray import ray_session, storage
+from bitray.config import EmbedConfig
+from bitray.embed.actor import EmbedActor
+from bitray.embed.commit import Receipt, RunCommitter, publisher_for
+from bitray.embed.decode import decode_batch
+from bitray.embed.layout import OutputLayout
+from bitray.embed.params import RunParams, resolved_storage
+from bitray.embed.plan import DryRun, dry_run, start_run
+from bitray.embed.ranges import Range
+from bitray.embed.resources import actor_resources, check_local_paths, joins_existing_cluster
+from bitray.embed.state import IncrementalState, record_run
+from bitray.embed.write import write_files
+from bitray.errors import BitrayError
+from bitray.locks import open_lock
+
+log = logging.getLogger(__name__)
+
+MAX_PASSES = 3
+"""Passes over what is pending within one invocation: a pass leaves rows pending only when Ray re-ran a
+task and its duplicate output was discarded."""
+ROWS_PER_READ_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one run accounted for. ``inputs == embedded + errored`` always holds for a finished run."""
+
+    run_id: str
+    output: str
+    inputs: int
+    embedded: int
+    errored: int
+    model_id: str | None
+    seconds: float
+    """Wall time of this invocation (a resumed run counts only its own work)."""
+    images_per_s: float
+    """Images processed by this invocation per second."""
+    processed: int = 0
+    """Images this invocation embedded or recorded as errors (0 when the run had finished already)."""
+    unchanged: int = 0
+    """Incremental runs: listed object versions already recorded by earlier runs."""
+    files: int = 0
+    """Data files (embeddings and errors) the run published."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def output_layout(config: EmbedConfig) -> OutputLayout:
+    output = config.output.rstrip("/")
+    if not storage.is_remote(output):
+        output = str(storage.local_path(output))  # Ray workers may run in another directory
+    return OutputLayout(output, resolved_storage(config.storage))
+
+
+def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSummary:
+    """Embed ``config.inputs`` into ``config.output``; resumes the run when ``config.run_id`` exists there.
+
+    Holds the output's lock for the whole run. Raises ``BitrayError`` for unusable inputs or outputs
+    before any Ray work starts.
+    """
+    started = time.monotonic()
+    layout = output_layout(config)
+    if joins_existing_cluster(address):
+        ray_session.connect(address)
+        check_local_paths(config, layout.output, address)
+    run_id = config.run_id or new_run_id()
+    print(f"bitray: run {run_id} -> {layout.output}", flush=True)
+    with open_lock(layout.lock_uri, run_id, storage=layout.storage, ttl_s=config.lock_ttl_s) as lock:
+        state = IncrementalState.load(layout)
+        begun = layout.is_begun(run_id)
+        others = [r for r in layout.run_ids() if r != run_id]
+        unfinished = [r for r in others if r not in state.finished and layout.is_begun(r)]
+        if config.incremental:
+            for other in unfinished:
+                print(f"bitray: finishing the interrupted run {other} first", flush=True)
+                _execute(layout, RunParams.load(layout, other), lock, address, time.monotonic())
+        elif not begun and (unfinished or [r for r in others if r in state.finished]):
+            held = unfinished or state.finished
+            raise BitrayError(
+                f"output {layout.output} already holds run(s) {', '.join(held[:3])}; resume one with "
+                f"--run-id {held[-1]}, add only new images with --incremental, or choose another --output"
+            )
+        if begun:
+            params = RunParams.load(layout, run_id)
+            changed = params.differences(config)
+            if changed and not layout.is_finished(run_id):
+                print(
+                    f"bitray: resuming run {run_id} with its own settings: {', '.join(changed)}", flush=True
+                )
+        else:
+            params = start_run(config, layout, run_id, IncrementalState.load(layout))
+            counts = params.counts
+            print(
+                f"bitray: {counts.todo} image(s) to embed ({counts.new} new, {counts.changed} changed)"
+                + (f", {counts.unchanged} unchanged" if counts.unchanged else ""),
+                flush=True,
+            )
+        return _execute(layout, params, lock, address, started)
+
+
+def dry_run_embedding(config: EmbedConfig) -> DryRun:
+    """What ``run_embedding(config)`` would do: lists and diffs, writes nothing, starts no Ray work."""
+    layout = output_layout(config)
+    return dry_run(config, layout, IncrementalState.load(layout), layout.run_ids())
+
+
+def _execute(
+    layout: OutputLayout, params: RunParams, lock, address: str | None, started: float
+) -> RunSummary:  # noqa: ANN001
+    """Embed what of the run is not committed, then record it as finished and return its summary."""
+    run_id = params.run_id
+    if layout.is_finished(run_id):
+        record_run(layout, IncrementalState.load(layout), params)  # in case a crash came between the two
+        print("bitray: run already finished; nothing to do", flush=True)
+        return RunSummary(
+            **{**layout.read_summary(run_id), "seconds": 0.0, "images_per_s": 0.0, "processed": 0}
+        )
+    committer = RunCommitter(layout, run_id, lock)
+    processed = 0
+    for _ in range(MAX_PASSES):
+        pending = list(committer.committed.missing(params.rows))
+        if not pending:
+            break
+        try:
+            processed += _run_pipeline(layout, params, committer, pending, address)
+        except BitrayError as exc:
+            if committer.files:
+                raise BitrayError(f"{exc}; fix it, then finish the run with --run-id {run_id}") from None
+            _discard(layout, run_id)  # e.g. a model that cannot load: let a fixed run start anew
+            raise BitrayError(f"{exc}; nothing of run {run_id} was kept") from None
+    accounted = committer.embedded + committer.errored
+    if accounted != params.rows:
+        raise BitrayError(
+            f"run {run_id} accounted for {accounted} of {params.rows} inputs; "
+            f"run it again with --run-id {run_id} to finish it"
+        )
+    committer.finish()
+    seconds = time.monotonic() - started
+    summary = RunSummary(
+        run_id=run_id,
+        output=layout.output,
+        inputs=params.rows,
+        embedded=committer.embedded,
+        errored=committer.errored,
+        model_id=", ".join(sorted(committer.models)) or None,
+        seconds=round(seconds, 3),
+        images_per_s=round(processed / seconds, 3) if seconds > 0 else 0.0,
+        processed=processed,
+        unchanged=params.counts.unchanged,
+        files=committer.files,
+    )
+    lock.check()
+    record_run(layout, IncrementalState.load(layout), params)
+    layout.write_summary(run_id, summary.to_dict())
+    return summary
+
+
+def _discard(layout: OutputLayout, run_id: str) -> None:
+    """Remove a run that committed nothing: staged leftovers, then its state (``run.json`` with it)."""
+    publisher_for(layout).cleanup(run_id)
+    storage.delete_tree(layout.run_dir(run_id), layout.storage)
+
+
+def _run_pipeline(
+    layout: OutputLayout,
+    params: RunParams,
+    committer: RunCommitter,
+    pending: list[Range],
+    address: str | None,
+) -> int:
+    import ray
+
+    ray_session.connect(address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_operator_progress_bars = True  # Ray Jobs hides them otherwise
+    resources = actor_resources(params, ray.cluster_resources())
+    parts = [
+        part for part in params.manifest
+        if any(start < part.first_row + part.rows and part.first_row < end for start, end in pending)
+    ]  # fmt: skip
+    filesystem, manifest_dir = storage.filesystem_for(layout.manifest_dir(params.run_id), layout.storage)
+    paths = [f"{manifest_dir}/{part.name}" for part in parts]
+    pending_rows = sum(end - start for start, end in pending)
+    blocks = max(len(parts), min(10_000, -(-pending_rows // ROWS_PER_READ_BLOCK)))
+    size = params.image_size
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=params.batch_size,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "storage_config": layout.storage,
+            "size": size,
+            "max_pixels": params.max_pixels,
+            "committed": committer.committed.as_arrays(),
+        },
+        # Reserving the memory a decoded batch needs also keeps this a separate operator: Ray would
+        # otherwise fuse it into its neighbours, and decoding would stall the model instead of overlapping it.
+        num_cpus=1,
+        memory=_decode_memory(params.batch_size, size),
+    )
+    ds = ds.map_batches(
+        EmbedActor,
+        batch_size=params.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={
+            "model_spec": params.model,
+            "storage": layout.storage,
+            "threads": resources.threads,
+            "mixed_precision": params.mixed_precision and resources.gpus > 0,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
+        num_gpus=resources.gpus,
+        num_cpus=resources.cpus,
+    )
+    ds = ds.map_batches(
+        write_files,
+        batch_size=params.rows_per_file,
+        batch_format="pyarrow",
+        fn_kwargs={"layout": layout, "run_id": params.run_id},
+        num_cpus=0.25,
+        memory=_write_memory(params.rows_per_file),
+    )
+    processed = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for text in batch.column("receipt").to_pylist():
+                receipt = Receipt.model_validate_json(text)
+                if committer.offer(receipt):
+                    processed += receipt.embedded + receipt.errored
+    except BitrayError:
+        raise
+    except Exception as exc:
+        cause = _bitray_cause(exc)
+        if cause is not None:
+            raise BitrayError(f"the embedding pipeline stopped: {cause}") from None
+        raise
+    return processed
+
+
+def _decode_memory(batch_size: int, size: tuple[int, int]) -> int:
+    """Bytes a decode task may hold: a batch of uint8 pixels twice over, plus one large decoded photo."""
+    return 2 * batch_size * size[0] * size[1] * 3 + 256 * 2**20
+
+
+def _write_memory(rows_per_file: int) -> int:
+    """A writer holds its rows and their Parquet bytes (2 x 8 KB per 2048-d row), plus the worker itself."""
+    return 2 * rows_per_file * 8 * 2**10 + 192 * 2**20
+
+
+def _bitray_cause(exc: BaseException) -> str | None:
+    """The message of a ``BitrayError`` behind a Ray error (e.g. a model spec the actors cannot load).
+
+    Ray keeps the original exception object for task errors, but an actor that fails in ``__init__``
+    reaches the driver as ``ActorDiedError`` carrying only the formatted traceback, so read that too.
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, BitrayError):
+            return str(current)
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    found = re.findall(r"^bitray\.[\w.]*Error: (.+)$", str(exc), flags=re.MULTILINE)
+    return found[-1] if found else None

@@ -1,0 +1,165 @@
+"""Incremental state: which runs finished under an output and which object versions they recorded.
+
+``_bitray/state/current.json`` is the one object an incremental run reads to know its past: the finished
+runs (oldest first), a compacted *base* of recorded ``(path, version)`` pairs (Parquet parts sorted by
+path), and the *deltas*: finished runs whose manifests (sorted by path too) are not in the base yet. What is
+new is found by one streaming merge of the sorted listing against base + deltas, so neither side is ever
+held in memory. After ``MAX_DELTAS`` runs the deltas are merged into a new base (one streaming pass), so an
+incremental run reads the base and at most ``MAX_DELTAS`` manifests, however many runs came before.
+
+Every update is one atomic PUT of ``current.json`` made while holding the output's lock; a new base is
+written before the pointer moves to it and the old one is deleted after, so a crash leaves at worst
+unreferenced files, which the next compaction removes.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from bitray import storage
+from bitray.embed.layout import OutputLayout
+from bitray.embed.manifest import CHUNK_ROWS, PART_ROWS, read_part_batches, version_of
+from bitray.embed.params import RunParams
+from bitray.errors import BitrayError
+from bitray.storage import ObjectInfo
+
+MAX_DELTAS = 8
+VERSIONS_SCHEMA = pa.schema([("path", pa.string()), ("version", pa.string())])
+Status = Literal["new", "changed", "unchanged"]
+
+
+class IncrementalState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    finished: list[str] = []
+    """Finished runs, oldest first."""
+    generation: int = 0
+    """Number of the base directory ``state/base-<generation>/``; 0: no base yet."""
+    base: list[str] = []
+    """Names of the base's parts, in path order."""
+    deltas: list[str] = []
+    """Finished runs (with inputs) whose manifests are not merged into the base yet."""
+
+    @classmethod
+    def load(cls, layout: OutputLayout) -> IncrementalState:
+        uri = current_uri(layout)
+        if not storage.exists(uri, layout.storage):
+            return cls()
+        try:
+            return cls.model_validate_json(storage.read_bytes(uri, layout.storage))
+        except ValidationError:
+            raise BitrayError(
+                f"{uri} is unreadable; it was edited by hand or written by another bitray version. "
+                "Restore it, or start a new --output"
+            ) from None
+
+    def save(self, layout: OutputLayout) -> None:
+        storage.write_bytes(current_uri(layout), self.model_dump_json(indent=1).encode(), layout.storage)
+
+
+def current_uri(layout: OutputLayout) -> str:
+    return storage.join(layout.incremental_dir, "current.json")
+
+
+def base_dir(layout: OutputLayout, generation: int) -> str:
+    return storage.join(layout.incremental_dir, f"base-{generation:06d}")
+
+
+def recorded_versions(layout: OutputLayout, state: IncrementalState) -> Iterator[tuple[str, str]]:
+    """Every recorded ``(path, version)``, sorted, streamed from the base and the deltas' manifests."""
+    streams = [_base_versions(layout, state)]
+    for run_id in state.deltas:
+        streams.append(_manifest_versions(layout, run_id))
+    return heapq.merge(*streams)
+
+
+def _base_versions(layout: OutputLayout, state: IncrementalState) -> Iterator[tuple[str, str]]:
+    for name in state.base:
+        uri = storage.join(base_dir(layout, state.generation), name)
+        for batch in read_part_batches(uri, layout.storage):
+            yield from zip(batch.column("path").to_pylist(), batch.column("version").to_pylist(), strict=True)
+
+
+def _manifest_versions(layout: OutputLayout, run_id: str) -> Iterator[tuple[str, str]]:
+    params = RunParams.load(layout, run_id)
+    for part in params.manifest:
+        uri = storage.join(layout.manifest_dir(run_id), part.name)
+        for batch in read_part_batches(uri, layout.storage, columns=["path", "etag", "size", "mtime_ns"]):
+            columns = [batch.column(name).to_pylist() for name in ("path", "etag", "size", "mtime_ns")]
+            for path, etag, size, mtime_ns in zip(*columns, strict=True):
+                yield path, version_of(etag, size, mtime_ns)
+
+
+def diff(
+    listed: Iterable[ObjectInfo], recorded: Iterable[tuple[str, str]]
+) -> Iterator[tuple[ObjectInfo, Status]]:
+    """Each listed object with its status against the recorded versions; both inputs sorted by path."""
+    versions = iter(recorded)
+    current = next(versions, None)
+    for obj in listed:
+        while current is not None and current[0] < obj.uri:
+            current = next(versions, None)
+        seen: set[str] = set()
+        while current is not None and current[0] == obj.uri:
+            seen.add(current[1])
+            current = next(versions, None)
+        if obj.version in seen:
+            yield obj, "unchanged"
+        else:
+            yield obj, "changed" if seen else "new"
+        # the next listed path is larger: versions of this path are consumed, none is skipped
+
+
+def record_run(layout: OutputLayout, state: IncrementalState, params: RunParams) -> IncrementalState:
+    """Add a finished run to the state (idempotent), compacting the deltas into a new base when due."""
+    if params.run_id in state.finished:
+        return state
+    state = state.model_copy(deep=True)
+    state.finished.append(params.run_id)
+    if params.rows:
+        state.deltas.append(params.run_id)
+    if len(state.deltas) > MAX_DELTAS:
+        state = _compact(layout, state)
+    state.save(layout)
+    return state
+
+
+def _compact(layout: OutputLayout, state: IncrementalState) -> IncrementalState:
+    """Merge the base and the deltas into base ``generation + 1`` (streaming) and point the state at it."""
+    old = state.generation
+    generation = old + 1
+    directory = base_dir(layout, generation)
+    storage.delete_tree(directory, layout.storage)  # left by a compaction that crashed before its pointer
+    names: list[str] = []
+    rows: list[tuple[str, str]] = []
+    previous = None
+    for pair in recorded_versions(layout, state):
+        if pair == previous:
+            continue
+        previous = pair
+        rows.append(pair)
+        if len(rows) == PART_ROWS:
+            names.append(_write_versions(directory, len(names), rows, layout))
+            rows = []
+    if rows or not names:
+        names.append(_write_versions(directory, len(names), rows, layout))
+    compacted = IncrementalState(finished=state.finished, generation=generation, base=names, deltas=[])
+    compacted.save(layout)
+    if old:
+        storage.delete_tree(base_dir(layout, old), layout.storage)
+    return compacted
+
+
+def _write_versions(directory: str, index: int, rows: list[tuple[str, str]], layout: OutputLayout) -> str:
+    table = pa.table({"path": [r[0] for r in rows], "version": [r[1] for r in rows]}, schema=VERSIONS_SCHEMA)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, row_group_size=CHUNK_ROWS)
+    name = f"part-{index:05d}.parquet"
+    storage.write_bytes(storage.join(directory, name), buffer.getvalue().to_pybytes(), layout.storage)
+    return name

@@ -1,0 +1,88 @@
+"""The writer stage: a block of up to ``rows_per_file`` output rows -> staged Parquet files + a receipt.
+
+Ray bundles the actors' small blocks into one batch per call, so each call writes one embeddings file
+and, when some rows failed, one errors file, both staged (``bitray.embed.commit``), and returns the
+receipt the driver commits. Error rows travel in the same stream as embeddings (null embedding) and are
+split off here.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bitray.embed.commit import Receipt, publisher_for
+from bitray.embed.layout import ERRORS_SCHEMA, OutputLayout, embeddings_schema
+from bitray.embed.ranges import ranges_of
+
+ROW_GROUP_ROWS = 2048
+"""About 16 MB per row group at 2048-d: readers can stream a file in bounded memory."""
+
+
+def write_files(batch: pa.Table, *, layout: OutputLayout, run_id: str) -> pa.Table:
+    failed = batch.column("stage").is_valid()
+    embedded = _embeddings_table(batch.filter(pc.invert(failed)), run_id)
+    errors = _errors_table(batch.filter(failed), run_id)
+    publisher = publisher_for(layout)
+    files = [
+        publisher.stage(kind, run_id, _parquet_bytes(table))
+        for kind, table in (("embeddings", embedded), ("errors", errors))
+        if table.num_rows
+    ]
+    models = [m for m in pc.unique(embedded.column("model")).to_pylist() if m] if embedded.num_rows else []
+    receipt = Receipt(
+        files=files,
+        ranges=ranges_of(batch.column("row").to_numpy()),
+        embedded=embedded.num_rows,
+        errored=errors.num_rows,
+        model=", ".join(sorted(models)) or None,
+    )
+    return pa.table({"receipt": [receipt.model_dump_json()]})
+
+
+def _embeddings_table(rows: pa.Table, run_id: str) -> pa.Table:
+    embedding = rows.column("embedding").combine_chunks() if rows.num_rows else None
+    dim = rows.schema.field("embedding").type.list_size
+    schema = embeddings_schema(dim)
+    if embedding is None:
+        return schema.empty_table()
+    return pa.table(
+        {
+            "path": rows.column("path"),
+            "embedding": embedding,
+            "model": rows.column("model"),
+            "width": rows.column("width").cast(pa.int32()),
+            "height": rows.column("height").cast(pa.int32()),
+            "etag": rows.column("etag"),
+            "size": rows.column("size"),
+            "mtime": _timestamps(rows),
+            "run_id": pa.array([run_id] * rows.num_rows, pa.string()),
+        },
+        schema=schema,
+    )
+
+
+def _errors_table(rows: pa.Table, run_id: str) -> pa.Table:
+    return pa.table(
+        {
+            "path": rows.column("path"),
+            "stage": rows.column("stage"),
+            "error": rows.column("error"),
+            "etag": rows.column("etag"),
+            "size": rows.column("size"),
+            "mtime": _timestamps(rows),
+            "run_id": pa.array([run_id] * rows.num_rows, pa.string()),
+        },
+        schema=ERRORS_SCHEMA,
+    )
+
+
+def _timestamps(rows: pa.Table) -> pa.Array:
+    return rows.column("mtime_ns").cast(pa.int64()).cast(pa.timestamp("ns", tz="UTC"))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS)
+    return buffer.getvalue().to_pybytes()
