@@ -17,7 +17,13 @@ SIZE = 32
 
 
 def tiny_config(inputs: list[str], output: str, **kwargs) -> EmbedConfig:
-    defaults = {"model": "random:tiny", "image_size": SIZE, "batch_size": 4, "actors_max": 1}
+    defaults = {
+        "model": "random:tiny",
+        "image_size": SIZE,
+        "batch_size": 4,
+        "rows_per_file": 8,
+        "actors_max": 1,
+    }
     return EmbedConfig(inputs=inputs, output=output, **{**defaults, **kwargs})
 
 
@@ -54,6 +60,11 @@ def write_photos(directory: Path, count: int, *, seed: int = 0, side: int = 40) 
         path.write_bytes(buf.getvalue())
         paths.append(path)
     return paths
+
+
+def published(output: Path, kind: str = "embeddings") -> list[Path]:
+    """The data files a reader of the output sees."""
+    return sorted((output / kind).glob("*.parquet")) if (output / kind).is_dir() else []
 
 
 def read_summary(output: Path, run_id: str) -> dict:

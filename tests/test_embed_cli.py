@@ -49,7 +49,7 @@ def test_demo_embeds_sample_photos(ray_local, tmp_path, capsys):
 
 
 def test_inputs_from_prefixes_and_a_manifest_file_once_each(tmp_path):
-    from bitray.embed import list_inputs
+    from bitray.embed.manifest import listed_inputs
 
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
@@ -58,5 +58,5 @@ def test_inputs_from_prefixes_and_a_manifest_file_once_each(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text(f"# today's images\n{photos / 'a.jpg'}\n\n{photos / 'sub'}\n")
     config = EmbedConfig(inputs=[str(photos)], manifest=str(listing))
-    found = [obj.uri for obj in list_inputs(config, config.storage)]
-    assert sorted(found) == sorted(str(photos / n) for n in ("a.jpg", "b.PNG", "sub/c.webp"))
+    found = [obj.uri for obj in listed_inputs(config, config.storage)]
+    assert found == sorted(str(photos / n) for n in ("a.jpg", "b.PNG", "sub/c.webp"))  # once each, in order

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
 from bitray.cli import main
 from bitray.config import EmbedConfig, StorageConfig
 from bitray.embed import run_embedding
+from bitray.embed.run import output_layout
 from bitray.errors import BitrayError
-from bitray.incremental import LockHeld, RunLock
-from bitray.ledger import RunLayout
+from bitray.locks import LockHeld, open_lock
 
 
 def config(inputs: list[str], output: str, **kwargs) -> EmbedConfig:
@@ -25,7 +24,7 @@ def no_ray_work(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the run started Ray work")
 
-    monkeypatch.setattr("bitray.embed._run_pipeline", refuse)
+    monkeypatch.setattr("bitray.embed.run._run_pipeline", refuse)
 
 
 def test_missing_bucket(s3_server, tmp_path, monkeypatch):
@@ -77,31 +76,19 @@ def test_local_lock_refuses_second_run(tmp_path, monkeypatch):
     no_ray_work(monkeypatch)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(b"x")
-    layout = RunLayout(str(tmp_path / "out"), StorageConfig())
-    with RunLock(layout, "holder-run"), pytest.raises(LockHeld, match=r"run holder-run by .*pid \d+"):
+    layout = output_layout(config([], str(tmp_path / "out")))
+    with open_lock(layout.lock_uri, "holder-run", storage=layout.storage, ttl_s=60), pytest.raises(
+        LockHeld, match="holder-run"
+    ):
         run_embedding(config([str(tmp_path / "in")], str(tmp_path / "out")))
     # released: the next attempt gets past the lock (and is stopped by the spy, not the lock)
     with pytest.raises(AssertionError, match="started Ray work"):
         run_embedding(config([str(tmp_path / "in")], str(tmp_path / "out")))
 
 
-def test_s3_lease_lock(s3_server, s3_bucket):
-    layout = RunLayout(f"s3://{s3_bucket}/out", StorageConfig())
-    with RunLock(layout, "first", ttl_s=60):
-        with pytest.raises(LockHeld, match=r"run first by .*expires in"):
-            RunLock(layout, "second", ttl_s=60).__enter__()
-        with RunLock(layout, "first", ttl_s=60):  # the same run resuming may take its own lease over
-            pass
-    with RunLock(layout, "second", ttl_s=60):  # released: free again
-        pass
-
-
-def test_s3_expired_lease_is_taken_over(s3_server, s3_bucket):
-    layout = RunLayout(f"s3://{s3_bucket}/out", StorageConfig())
-    crashed = RunLock(layout, "crashed", ttl_s=1.0)
-    crashed._acquire_lease()  # taken and never renewed nor released: a driver killed with SIGKILL
-    with pytest.raises(LockHeld, match="run crashed"):
-        RunLock(layout, "next", ttl_s=60).__enter__()
-    time.sleep(1.2)
-    with RunLock(layout, "next", ttl_s=60), pytest.raises(LockHeld, match="run next"):
-        RunLock(layout, "other", ttl_s=60).__enter__()
+def test_ray_client_with_local_paths_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    no_ray_work(monkeypatch)
+    (tmp_path / "in").mkdir()
+    with pytest.raises(BitrayError, match=r"local path .*/in' cannot be used through a ray:// client"):
+        run_embedding(config([str(tmp_path / "in")], str(tmp_path / "out")), address="ray://head:10001")
+    assert not (tmp_path / "out").exists()

@@ -121,10 +121,10 @@ def test_incremental_new_changed_unchanged(ray_local, tmp_path, monkeypatch, cap
     first = run_embedding(tiny_config([str(src)], str(out), incremental=True, run_id="w1"))
     assert (first.inputs, first.embedded, first.unchanged) == (5, 5, 0)
 
-    # w1 killed after writing a shard's data but before its commit record: the next run finishes w1 first
+    # w1 killed after its last commit, before it was recorded as finished: the next run finishes w1 first
     w1 = out / "_bitray" / "runs" / "w1"
     (w1 / "summary.json").unlink()
-    sorted((w1 / "commits").glob("*.json"))[-1].unlink()
+    (out / "_bitray" / "state" / "current.json").unlink()  # w1 was the only run the state knew
 
     write_photos(src, 2, seed=1)  # two new objects
     changed = photos[0]
@@ -138,7 +138,7 @@ def test_incremental_new_changed_unchanged(ray_local, tmp_path, monkeypatch, cap
     def refuse(*args, **kwargs):
         raise AssertionError("an unchanged bucket must cost a listing and no Ray work")
 
-    monkeypatch.setattr("bitray.embed._run_pipeline", refuse)
+    monkeypatch.setattr("bitray.embed.run._run_pipeline", refuse)
     third = run_embedding(tiny_config([str(src)], str(out), incremental=True, run_id="w3"))
     assert (third.inputs, third.embedded, third.unchanged) == (0, 0, 7)
 
@@ -150,11 +150,12 @@ def test_incremental_new_changed_unchanged(ray_local, tmp_path, monkeypatch, cap
 
 
 def test_model_that_cannot_load_stops_with_its_reason(ray_local, tmp_path):
-    from bitray.config import StorageConfig
-    from bitray.ledger import RunLayout
+    from bitray.embed.run import output_layout
 
     src, out = tmp_path / "in", tmp_path / "out"
     write_photos(src, 3)
+    config = tiny_config([str(src)], str(out), model="random:nope", run_id="bad")
     with pytest.raises(BitrayError, match=r"unknown BiT architecture 'nope'.*nothing of run bad was kept"):
-        run_embedding(tiny_config([str(src)], str(out), model="random:nope", run_id="bad"))
-    assert not RunLayout(str(out), StorageConfig()).has_manifest("bad")  # a fixed run may start afresh
+        run_embedding(config)
+    assert not output_layout(config).is_begun("bad")  # a fixed run may start afresh
+    assert not (out / "_bitray" / "runs" / "bad").exists()

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
-import json
-
-import boto3
 import numpy as np
 import pyarrow as pa
 from image_corpus import corpus
 
 from bitray.config import StorageConfig
-from bitray.embed import decode_shards
+from bitray.embed.decode import decode_batch
+from bitray.embed.ranges import RowRanges
 from bitray.storage import list_objects
 
+NOTHING_COMMITTED = RowRanges().as_arrays()
 
-def run_stage(objects, storage=None) -> tuple[np.ndarray, list[dict], list[dict]]:  # noqa: ANN001
-    records = [{"path": o.uri, "etag": o.etag, "size": o.size, "mtime_ns": o.mtime_ns} for o in objects]
-    batch = pa.table({"shard": [0], "inputs": [json.dumps(records)]})
-    out = decode_shards(batch, storage_config=storage or StorageConfig(), size=(32, 32), max_pixels=None)
-    row = out.to_pylist()[0]
-    images, errors = json.loads(row["images"]), json.loads(row["errors"])
-    pixels = np.frombuffer(row["pixels"], np.float32).reshape(len(images), 32, 32, 3)
-    return pixels, images, errors
+
+def run_stage(objects, storage=None, committed=NOTHING_COMMITTED):  # noqa: ANN001, ANN201
+    batch = pa.table(
+        {
+            "row": pa.array(range(len(objects)), pa.int64()),
+            "path": [o.uri for o in objects],
+            "etag": pa.array([o.etag for o in objects], pa.string()),
+            "size": pa.array([o.size for o in objects], pa.int64()),
+            "mtime_ns": pa.array([o.mtime_ns for o in objects], pa.int64()),
+        }
+    )
+    out = decode_batch(
+        batch, storage_config=storage or StorageConfig(), size=(32, 32), max_pixels=None, committed=committed
+    )
+    rows = out.drop_columns(["pixels"]).to_pylist()
+    pixels = out.column("pixels").combine_chunks().to_numpy_ndarray()
+    images = [(r, p) for r, p in zip(rows, pixels, strict=True) if r["stage"] is None]
+    errors = [r for r in rows if r["stage"] is not None]
+    stacked = np.stack([p for _, p in images]) if images else np.zeros((0, 32, 32, 3), np.uint8)
+    return stacked, [r for r, _ in images], errors
 
 
 def test_local_object_changed_after_listing_is_a_read_error(tmp_path):
@@ -32,12 +43,25 @@ def test_local_object_changed_after_listing_is_a_read_error(tmp_path):
     (tmp_path / "changed.jpg").write_bytes(photo + b"\0")  # a new version after the listing
     pixels, images, errors = run_stage(listed)
     assert [i["path"] for i in images] == [str(tmp_path / "same.jpg")] and pixels.shape == (1, 32, 32, 3)
-    assert pixels.min() >= 0.0 and pixels.max() <= 1.0
+    assert pixels.dtype == np.uint8 and pixels.max() > 0  # uint8 travels; the model scales it
     assert [(e["path"], e["stage"]) for e in errors] == [(str(tmp_path / "changed.jpg"), "read")]
     assert "changed after it was listed" in errors[0]["error"]
 
 
+def test_committed_rows_are_not_read_again(tmp_path):
+    photo = corpus()["grey.jpg"].data
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / name).write_bytes(photo)
+    listed = list(list_objects(str(tmp_path)))
+    (tmp_path / "b.jpg").unlink()  # would be a read error, were it read
+    _, images, errors = run_stage(listed, committed=RowRanges([(1, 2)]).as_arrays())
+    assert [i["path"] for i in images] == [str(tmp_path / "a.jpg"), str(tmp_path / "c.jpg")]
+    assert [i["row"] for i in images] == [0, 2] and errors == []
+
+
 def test_s3_object_changed_or_deleted_after_listing(s3_server, s3_bucket):
+    import boto3
+
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     photo = corpus()["photo.webp"].data
     for key in ("in/same.webp", "in/changed.webp", "in/deleted.webp"):

@@ -24,7 +24,7 @@ from bitray.images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     decode_image,
-    load_for_model,
+    prepare_for_model,
     resize_for_model,
     resize_pixels,
 )
@@ -247,10 +247,14 @@ def test_resize_edge_cases() -> None:
         resize_for_model(photo("camera"), (32, 32))
 
 
-def test_load_for_model_is_decode_then_resize() -> None:
+def test_prepare_for_model_is_decode_then_uint8_resize() -> None:
     data = ITEMS["exif-rotated.jpg"].data
-    expected = resize_for_model(decode_image(data, min_size=(40, 32)).pixels, (40, 32))
-    np.testing.assert_array_equal(load_for_model(data, (40, 32)), expected)
+    decoded = decode_image(data)
+    pixels, width, height = prepare_for_model(data, (40, 32))
+    assert pixels.dtype == np.uint8 and (width, height) == (decoded.width, decoded.height)
+    np.testing.assert_allclose(
+        pixels / np.float32(255), resize_for_model(decoded.pixels, (40, 32)), atol=1e-6
+    )
 
 
 def _full_size_jpeg(name: str, exif: bytes = b"") -> bytes:

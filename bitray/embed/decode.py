@@ -1,5 +1,7 @@
 """The CPU stage: manifest rows -> the listed version's bytes -> RGB uint8 pixels at the model's size.
 
+A task takes work items (a row range of a manifest part: a few GETs for thousands of images) and yields
+one block per model batch, so the actors start on the first batch while the rest is still decoding.
 Every input row leaves this stage as one row: pixels, or an error (stage ``read`` or ``decode``, with a
 readable reason) and zero pixels. Rows already committed by an earlier attempt of the run are dropped
 here, so a resumed run reads and decodes only what is pending. Pixels travel as uint8 (a quarter of
@@ -9,10 +11,12 @@ float32) in a tensor column; the model function converts them.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from bitray import storage
 from bitray.config import StorageConfig
@@ -23,6 +27,47 @@ from bitray.images import DEFAULT_MAX_PIXELS, prepare_for_model
 
 class ObjectChanged(BitrayError):
     """The object is no longer the version the run listed."""
+
+
+def decode_items(
+    items: pa.Table,
+    *,
+    manifest_dir: str,
+    storage_config: StorageConfig,
+    size: tuple[int, int],
+    batch_size: int,
+    max_pixels: int | None,
+    committed: tuple[np.ndarray, np.ndarray],
+) -> Iterator[pa.Table]:
+    """Work items (a manifest part and a row range in it) -> one block of decoded rows per model batch."""
+    for part, start, stop in zip(
+        *(items.column(n).to_pylist() for n in ("part", "start", "stop")), strict=True
+    ):
+        rows = read_manifest_rows(storage.join(manifest_dir, part), start, stop, storage_config)
+        for offset in range(0, rows.num_rows, batch_size):
+            yield decode_batch(
+                rows.slice(offset, batch_size),
+                storage_config=storage_config,
+                size=size,
+                max_pixels=max_pixels,
+                committed=committed,
+            )
+
+
+def read_manifest_rows(uri: str, start: int, stop: int, storage_config: StorageConfig) -> pa.Table:
+    """Rows ``[start, stop)`` of a manifest part, reading only the row groups that hold them."""
+    fs, path = storage.filesystem_for(uri, storage_config)
+    with fs.open_input_file(path) as stream:
+        reader = pq.ParquetFile(stream)
+        groups, first, position = [], None, 0
+        for index in range(reader.num_row_groups):
+            count = reader.metadata.row_group(index).num_rows
+            if position < stop and start < position + count:
+                groups.append(index)
+                first = position if first is None else first
+            position += count
+        table = reader.read_row_groups(groups)
+    return table.slice(start - (first or 0), stop - start)
 
 
 def decode_batch(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from bitray import storage
+from bitray import ray_session, storage
 from bitray.config import EmbedConfig
 from bitray.embed.params import RunParams
 from bitray.errors import BitrayError
@@ -21,6 +21,7 @@ class ActorResources:
     """TensorFlow's intra/inter-op threads per actor."""
     actors_min: int
     actors_max: int
+    cluster_cpus: float
 
 
 def actor_resources(params: RunParams, cluster: dict[str, float]) -> ActorResources:
@@ -45,7 +46,7 @@ def actor_resources(params: RunParams, cluster: dict[str, float]) -> ActorResour
     else:
         actors_max = int(cluster_gpus // gpus) if gpus else int(cluster_cpus // (2 * cpus))
     actors_max = max(1, actors_max)
-    return ActorResources(gpus, cpus, threads, min(params.actors_min, actors_max), actors_max)
+    return ActorResources(gpus, cpus, threads, min(params.actors_min, actors_max), actors_max, cluster_cpus)
 
 
 def joins_existing_cluster(address: str | None) -> bool:
@@ -62,17 +63,17 @@ def local_paths(config: EmbedConfig, output: str) -> list[str]:
 def check_local_paths(config: EmbedConfig, output: str, address: str | None) -> None:
     """Refuse local paths that Ray workers on other nodes could not see; see ``EmbedConfig.shared_storage``.
 
-    Called after joining the cluster, before anything is listed or written. With ``shared_storage`` the
-    claim is checked: a task on every node must see the inputs and a probe file the driver writes.
+    Called before anything is listed or written; joins the cluster only when there is a local path. With
+    ``shared_storage`` the claim is checked: a task on every node must see the inputs and a probe file.
     """
     paths = local_paths(config, output)
     if not paths:
         return
     target = address if address is not None else os.environ.get("RAY_ADDRESS", "")
     client = str(target).startswith("ray://")
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not client:
+        ray_session.connect(address)
+    nodes = [] if client else _alive_nodes()
     if not client and len(nodes) <= 1:
         return
     where = "through a ray:// client" if client else f"on a cluster of {len(nodes)} nodes"
@@ -82,7 +83,13 @@ def check_local_paths(config: EmbedConfig, output: str, address: str | None) -> 
             "Use s3:// or gs:// URIs, or set shared_storage: true (--shared-storage) if every node mounts "
             "it at the same path (e.g. NFS)"
         )
-    _probe_shared(paths, nodes, where)
+    _probe_shared(paths, nodes or _alive_nodes(), where)
+
+
+def _alive_nodes() -> list[dict]:
+    import ray
+
+    return [node for node in ray.nodes() if node.get("Alive")]
 
 
 def _probe_shared(paths: list[str], nodes: list[dict], where: str) -> None:

@@ -22,12 +22,13 @@ from bitray import ray_session, storage
 from bitray.config import EmbedConfig
 from bitray.embed.actor import EmbedActor
 from bitray.embed.commit import Receipt, RunCommitter, publisher_for
-from bitray.embed.decode import decode_batch
+from bitray.embed.decode import decode_items
 from bitray.embed.layout import OutputLayout
+from bitray.embed.manifest import CHUNK_ROWS
 from bitray.embed.params import RunParams, resolved_storage
 from bitray.embed.plan import DryRun, dry_run, start_run
 from bitray.embed.ranges import Range
-from bitray.embed.resources import actor_resources, check_local_paths, joins_existing_cluster
+from bitray.embed.resources import ActorResources, actor_resources, check_local_paths, joins_existing_cluster
 from bitray.embed.state import IncrementalState, record_run
 from bitray.embed.write import write_files
 from bitray.errors import BitrayError
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 MAX_PASSES = 3
 """Passes over what is pending within one invocation: a pass leaves rows pending only when Ray re-ran a
 task and its duplicate output was discarded."""
-ROWS_PER_READ_BLOCK = 1024
+MAX_INPUT_BLOCKS = 4000
+"""Work items are spread over at most this many input blocks (a block per item for smaller runs)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,6 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
     started = time.monotonic()
     layout = output_layout(config)
     if joins_existing_cluster(address):
-        ray_session.connect(address)
         check_local_paths(config, layout.output, address)
     run_id = config.run_id or new_run_id()
     print(f"bitray: run {run_id} -> {layout.output}", flush=True)
@@ -198,31 +199,43 @@ def _run_pipeline(
     ray_session.connect(address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_operator_progress_bars = True  # Ray Jobs hides them otherwise
-    resources = actor_resources(params, ray.cluster_resources())
-    parts = [
-        part for part in params.manifest
-        if any(start < part.first_row + part.rows and part.first_row < end for start, end in pending)
-    ]  # fmt: skip
-    filesystem, manifest_dir = storage.filesystem_for(layout.manifest_dir(params.run_id), layout.storage)
-    paths = [f"{manifest_dir}/{part.name}" for part in parts]
-    pending_rows = sum(end - start for start, end in pending)
-    blocks = max(len(parts), min(10_000, -(-pending_rows // ROWS_PER_READ_BLOCK)))
-    size = params.image_size
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=blocks)
+    # A block per model batch: Ray would otherwise gather a task's small outputs into 128 MB blocks, and
+    # the actors (and commits) would wait for whole decode tasks instead of streaming.
+    batch_bytes = params.batch_size * params.image_size[0] * params.image_size[1] * 3
+    saved_block_size, ctx.target_max_block_size = ctx.target_max_block_size, max(batch_bytes, 2**20)
+    try:
+        return _stream(layout, params, committer, pending, actor_resources(params, ray.cluster_resources()))
+    finally:
+        ctx.target_max_block_size = saved_block_size
+
+
+def _stream(
+    layout: OutputLayout,
+    params: RunParams,
+    committer: RunCommitter,
+    pending: list[Range],
+    resources: ActorResources,
+) -> int:
+    import ray
+
+    items = work_items(params, pending, _rows_per_item(params, pending, resources))
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
     ds = ds.map_batches(
-        decode_batch,
-        batch_size=params.batch_size,
+        decode_items,
+        batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={
+            "manifest_dir": layout.manifest_dir(params.run_id),
             "storage_config": layout.storage,
-            "size": size,
+            "size": params.image_size,
+            "batch_size": params.batch_size,
             "max_pixels": params.max_pixels,
             "committed": committer.committed.as_arrays(),
         },
         # Reserving the memory a decoded batch needs also keeps this a separate operator: Ray would
         # otherwise fuse it into its neighbours, and decoding would stall the model instead of overlapping it.
         num_cpus=1,
-        memory=_decode_memory(params.batch_size, size),
+        memory=_decode_memory(params.batch_size, params.image_size),
     )
     ds = ds.map_batches(
         EmbedActor,
@@ -261,6 +274,29 @@ def _run_pipeline(
             raise BitrayError(f"the embedding pipeline stopped: {cause}") from None
         raise
     return processed
+
+
+def work_items(params: RunParams, pending: list[Range], rows_per_item: int) -> list[dict[str, Any]]:
+    """The pending rows as ``{part, start, stop}`` pieces of at most ``rows_per_item`` rows in one part."""
+    items = []
+    for part in params.manifest:
+        for start, stop in pending:
+            start, stop = max(start, part.first_row), min(stop, part.first_row + part.rows)
+            for first in range(start, stop, rows_per_item):
+                last = min(first + rows_per_item, stop)
+                items.append(
+                    {"part": part.name, "start": first - part.first_row, "stop": last - part.first_row}
+                )
+    return items
+
+
+def _rows_per_item(params: RunParams, pending: list[Range], resources: ActorResources) -> int:
+    """Enough items to keep every CPU decoding (four per CPU), few enough that reading the manifest costs
+    a few requests per thousands of images: between four model batches and a manifest row group."""
+    pending_rows = sum(stop - start for start, stop in pending)
+    wanted = -(-pending_rows // (4 * max(1, int(resources.cluster_cpus))))
+    batches = -(-wanted // params.batch_size)
+    return max(4 * params.batch_size, min(CHUNK_ROWS, batches * params.batch_size))
 
 
 def _decode_memory(batch_size: int, size: tuple[int, int]) -> int:
