@@ -191,9 +191,9 @@ def _list_local(uri: str, exts: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
 
 
 def _walk_sorted(directory: Path, exts: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
-    """Depth-first in name order, so local listings come out in the same key order as S3's."""
+    """Depth-first in the code-point order of full paths (S3's key order): a directory sorts as ``name/``."""
     try:
-        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        entries = sorted(os.scandir(directory), key=lambda e: e.name + "/" if e.is_dir() else e.name)
     except OSError:
         return  # removed or unreadable while listing
     for entry in entries:

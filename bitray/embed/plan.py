@@ -61,7 +61,8 @@ class DryRun:
         return self.counts.todo * (4 * self.feature_dim + ROW_OVERHEAD_BYTES)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "files": self.files, "estimated_bytes": self.estimated_bytes}
+        return {**asdict(self), "counts": self.counts.model_dump(), "files": self.files,
+                "estimated_bytes": self.estimated_bytes}  # fmt: skip
 
 
 def dry_run(config: EmbedConfig, layout: OutputLayout, state: IncrementalState, runs: list[str]) -> DryRun:
