@@ -257,13 +257,15 @@ def _list_local(uri: str, exts: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
 
 
 def _walk_sorted(directory: Path, exts: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
-    """Depth-first in name order, so local listings come out in the same key order as S3's."""
+    """Depth-first in code-point order of the full path, the order S3 lists keys in: a directory sorts as
+    ``name + "/"``, so ``a-c.jpg`` comes before ``a/b.jpg`` (``-`` < ``/``) and ``a0.jpg`` after it."""
     try:
-        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        entries = [(entry, _is_dir(entry)) for entry in os.scandir(directory)]
     except OSError:
         return  # removed or unreadable while listing
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=True):
+    entries.sort(key=lambda item: item[0].name + "/" if item[1] else item[0].name)
+    for entry, is_dir in entries:
+        if is_dir:
             yield from _walk_sorted(Path(entry.path), exts)
         elif matches(entry.name, exts):
             try:
@@ -271,6 +273,13 @@ def _walk_sorted(directory: Path, exts: tuple[str, ...] | None) -> Iterator[Obje
             except OSError:
                 continue  # removed while listing: not an input of this run
             yield ObjectInfo(entry.path, st.st_size, st.st_mtime_ns)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
 
 
 def _list_s3(uri: str, exts: tuple[str, ...] | None, storage: StorageConfig) -> Iterator[ObjectInfo]:
