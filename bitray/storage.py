@@ -150,12 +150,12 @@ def _s3_filesystem(
 
 
 def s3_client(  # noqa: ANN201 - boto3 clients are untyped
-    storage: StorageConfig | None = None, *, timeout_s: float | None = None, max_attempts: int = 3
+    storage: StorageConfig | None = None, *, timeout_s: float | None = None, max_attempts: int = 4
 ):
     """A boto3 S3 client using the same endpoint and region as ``s3_filesystem``.
 
     ``timeout_s`` bounds the connect and the read timeouts (default 5 s and 60 s); ``max_attempts``
-    counts botocore's own tries (1: no retries, the caller retries).
+    counts botocore's tries in all (1: no retries, the caller retries).
     """
     import boto3
     from botocore import UNSIGNED
@@ -165,7 +165,7 @@ def s3_client(  # noqa: ANN201 - boto3 clients are untyped
     config = Config(
         connect_timeout=min(5.0, timeout_s) if timeout_s else 5,
         read_timeout=timeout_s or 60,
-        retries={"max_attempts": max_attempts, "mode": "standard"},
+        retries={"total_max_attempts": max_attempts, "mode": "standard"},
         signature_version=UNSIGNED if storage.anonymous else None,
     )
     return boto3.client(
