@@ -242,7 +242,7 @@ def list_objects(
     elif scheme == "file":
         yield from _list_local(uri, exts)
     else:
-        yield from _list_pyarrow(uri, exts, storage or StorageConfig())
+        yield from _list_gs(uri, exts, storage or StorageConfig())
 
 
 def _list_local(uri: str, exts: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
@@ -302,24 +302,39 @@ def _list_s3(uri: str, exts: tuple[str, ...] | None, storage: StorageConfig) -> 
                 )
 
 
-def _list_pyarrow(uri: str, exts: tuple[str, ...] | None, storage: StorageConfig) -> Iterator[ObjectInfo]:
-    fs, path = filesystem_for(uri, storage)
-    scheme = scheme_of(uri)
+def _list_gs(uri: str, exts: tuple[str, ...] | None, storage: StorageConfig) -> Iterator[ObjectInfo]:
+    """GCS lists names in UTF-8 byte order, like S3: stream it page by page (1,000 per request)."""
+    from google.api_core import exceptions as gexc
+
+    bucket, prefix = split_bucket(uri)
+    client = gcs_client(storage)
     try:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            infos = [info]
-        elif info.type == pafs.FileType.NotFound:
-            raise BitrayError(f"input {uri!r} does not exist; check the bucket and prefix")
-        else:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except OSError as exc:
+        for blob in client.list_blobs(bucket, prefix=prefix, page_size=1000):
+            name = blob.name
+            if name.endswith("/") or not matches(name, exts):
+                continue
+            if prefix and name != prefix and not prefix.endswith("/") and not name.startswith(prefix + "/"):
+                continue  # prefix "a/b" must not match "a/bc/x.jpg"
+            yield ObjectInfo(f"gs://{bucket}/{name}", int(blob.size or 0), _ns(blob.updated))
+    except gexc.NotFound:
+        raise BitrayError(f"bucket {bucket!r} of {uri!r} does not exist") from None
+    except (gexc.Forbidden, gexc.Unauthorized) as exc:
+        raise BitrayError(
+            f"access to {uri!r} was refused ({exc.code}); check the Google credentials "
+            "(GOOGLE_APPLICATION_CREDENTIALS or the workload identity)"
+        ) from None
+    except gexc.GoogleAPIError as exc:
         raise BitrayError(f"cannot list {uri!r}: {exc}") from None
-    for item in sorted(infos, key=lambda i: i.path):
-        if item.type != pafs.FileType.File or not matches(item.base_name, exts):
-            continue
-        mtime = item.mtime_ns if item.mtime_ns is not None else None
-        yield ObjectInfo(f"{scheme}://{item.path}", int(item.size or 0), mtime)
+
+
+def _ns(moment) -> int | None:  # noqa: ANN001 - a datetime or None
+    """A timezone-aware datetime as integer nanoseconds since the epoch, without float rounding."""
+    if moment is None:
+        return None
+    import datetime as dt
+
+    delta = moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
 
 
 class s3_errors:  # noqa: N801 - used as a context manager, reads like a function
@@ -633,9 +648,14 @@ class GcsConditionalObject(ConditionalObject):
         blob = self.bucket.blob(self.key)
         try:
             data = blob.download_as_bytes()
-        except gexc.NotFound:
+            generation = blob.generation
+            if generation is None:  # a server that sent no x-goog-generation: ask, then re-read that one
+                blob.reload()
+                generation = blob.generation
+                data = blob.download_as_bytes(if_generation_match=generation)
+        except (gexc.NotFound, gexc.PreconditionFailed):
             return None
-        return data, str(blob.generation)
+        return data, str(generation)
 
     def create(self, data: bytes) -> str | None:
         return self._upload(data, 0)
@@ -660,6 +680,8 @@ class GcsConditionalObject(ConditionalObject):
             blob.upload_from_string(data, content_type="application/json", if_generation_match=generation)
         except (gexc.PreconditionFailed, gexc.NotFound, gexc.Conflict):
             return None
+        if blob.generation is None:  # GCS returns the new generation; an emulator may not
+            blob.reload()
         return str(blob.generation)
 
 
@@ -728,8 +750,10 @@ def read_object(
 def _retryable(scheme: str, exc: BaseException, uri: str) -> bool:
     """Transient: retry. Permanent but unnamed (an S3 4xx nobody listed here): a ``PermanentReadError``.
     Anything else (a bug) propagates as it is."""
-    if scheme != "s3":
+    if scheme == "file":
         return isinstance(exc, OSError)
+    if scheme == "gs":
+        return _gcs_transient(exc)
     if is_transient(exc):
         return True
     if error_code(exc):
@@ -778,17 +802,37 @@ def _check_local(obj: ObjectInfo, size: int, mtime_ns: int) -> None:
 
 
 def _read_gs(obj: ObjectInfo, storage: StorageConfig) -> bytes:
-    fs, path = filesystem_for(obj.uri, storage)
+    from google.api_core import exceptions as gexc
+
+    bucket, key = split_bucket(obj.uri)
     try:
-        with fs.open_input_stream(path) as stream:
-            data = stream.read(obj.size + 1)
-    except FileNotFoundError:
+        data = _gcs_read_client(storage).bucket(bucket).blob(key).download_as_bytes()
+    except gexc.NotFound:
         raise ObjectMissing(f"{obj.uri} was listed but no longer exists") from None
-    except PermissionError as exc:
-        raise ReadRefused(f"reading {obj.uri} was refused: {exc}") from None
+    except (gexc.Forbidden, gexc.Unauthorized) as exc:
+        raise ReadRefused(f"reading {obj.uri} was refused ({exc.code}); check the bucket's IAM") from None
     if len(data) != obj.size:
         raise ObjectChanged(f"{obj.uri} changed after it was listed (size {len(data)}, listed {obj.size})")
     return data
+
+
+def _gcs_read_client(storage: StorageConfig):  # noqa: ANN202
+    return _cached_gcs_client(storage.anonymous, os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_gcs_client(anonymous: bool, _emulator: str | None):  # noqa: ANN202
+    return gcs_client(StorageConfig(anonymous=anonymous))
+
+
+def _gcs_transient(exc: BaseException) -> bool:
+    from google.api_core import exceptions as gexc
+
+    if isinstance(exc, gexc.GoogleAPICallError):
+        return isinstance(exc, gexc.ServerError | gexc.TooManyRequests | gexc.RequestRangeNotSatisfiable)
+    return isinstance(exc, OSError | gexc.RetryError) or type(exc).__module__.startswith(
+        ("requests", "urllib3", "google.auth")
+    )
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
