@@ -176,21 +176,25 @@ def s3_client(  # noqa: ANN201 - boto3 clients are untyped
     )
 
 
-def _read_client(storage: StorageConfig):  # noqa: ANN202
-    """A shared client for object reads (creating one costs tens of ms); botocore does not retry, so
-    ``read_object`` alone decides what is retried and for how long."""
+def shared_s3_client(storage: StorageConfig, *, retries: bool = True):  # noqa: ANN201
+    """A boto3 client shared per endpoint, region and credential environment (creating one costs tens of
+    ms). ``retries=False``: botocore does not retry, for callers that decide retries themselves, like
+    ``read_object``."""
     environment = "\0".join(os.environ.get(k, "") for k in CREDENTIAL_ENV)
-    return _cached_read_client(
+    return _cached_s3_client(
         storage.resolved_s3_endpoint(),
         storage.resolved_s3_region(),
         storage.anonymous,
         hashlib.sha256(environment.encode()).hexdigest(),
+        retries,
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_read_client(endpoint: str | None, region: str, anonymous: bool, _credentials: str):  # noqa: ANN202
+@functools.lru_cache(maxsize=16)
+def _cached_s3_client(endpoint: str | None, region: str, anonymous: bool, _credentials: str, retries: bool):  # noqa: ANN202
     config = StorageConfig(s3_endpoint=endpoint, s3_region=region, anonymous=anonymous)
+    if retries:
+        return s3_client(config)
     return s3_client(config, timeout_s=30.0, max_attempts=1)
 
 
@@ -762,7 +766,7 @@ def _retryable(scheme: str, exc: BaseException, uri: str) -> bool:
 
 
 def _read_s3(obj: ObjectInfo, storage: StorageConfig) -> bytes:
-    client = _read_client(storage)
+    client = shared_s3_client(storage, retries=False)
     if obj.etag:
         return get_object_if_match(obj.uri, obj.etag, client=client)
     found = get_with_etag(obj.uri, client=client)
@@ -806,7 +810,9 @@ def _read_gs(obj: ObjectInfo, storage: StorageConfig) -> bytes:
 
     bucket, key = split_bucket(obj.uri)
     try:
-        data = _gcs_read_client(storage).bucket(bucket).blob(key).download_as_bytes()
+        blob = _gcs_read_client(storage).bucket(bucket).blob(key)
+        # at most one byte more than listed: a grown object is detected without reading all of it
+        data = blob.download_as_bytes(start=0, end=obj.size) if obj.size else blob.download_as_bytes()
     except gexc.NotFound:
         raise ObjectMissing(f"{obj.uri} was listed but no longer exists") from None
     except (gexc.Forbidden, gexc.Unauthorized) as exc:
@@ -829,7 +835,7 @@ def _gcs_transient(exc: BaseException) -> bool:
     from google.api_core import exceptions as gexc
 
     if isinstance(exc, gexc.GoogleAPICallError):
-        return isinstance(exc, gexc.ServerError | gexc.TooManyRequests | gexc.RequestRangeNotSatisfiable)
+        return isinstance(exc, gexc.ServerError | gexc.TooManyRequests)
     return isinstance(exc, OSError | gexc.RetryError) or type(exc).__module__.startswith(
         ("requests", "urllib3", "google.auth")
     )
@@ -840,7 +846,7 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
     if scheme_of(uri) == "s3":
         storage = storage or StorageConfig()
         with s3_errors(uri, storage):
-            found = get_with_etag(uri, client=_read_client(storage))
+            found = get_with_etag(uri, client=shared_s3_client(storage))
         if found is None:
             raise BitrayError(f"{uri!r} does not exist")
         return found[0]
@@ -862,7 +868,7 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
         storage = storage or StorageConfig()
         bucket, key = split_bucket(uri)
         with s3_errors(uri, storage):
-            s3_client(storage).put_object(Bucket=bucket, Key=key, Body=data)
+            shared_s3_client(storage).put_object(Bucket=bucket, Key=key, Body=data)
         return
     fs, path = filesystem_for(uri, storage)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -892,7 +898,7 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
         bucket, key = split_bucket(uri)
         with s3_errors(uri, storage):
             try:
-                _read_client(storage).head_object(Bucket=bucket, Key=key)
+                shared_s3_client(storage).head_object(Bucket=bucket, Key=key)
             except ClientError as exc:
                 if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
                     return _s3_prefix_exists(uri, storage)
@@ -909,7 +915,7 @@ def _s3_prefix_exists(uri: str, storage: StorageConfig) -> bool:
     """Whether ``uri`` is a "directory": some key starts with ``uri/`` (pyarrow's view, kept)."""
     bucket, key = split_bucket(uri)
     prefix = key.rstrip("/") + "/" if key else ""
-    page = _read_client(storage).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    page = shared_s3_client(storage).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
     return bool(page.get("KeyCount") or page.get("Contents"))
 
 
@@ -963,7 +969,7 @@ def delete(uri: str, storage: StorageConfig | None = None) -> None:
         storage = storage or StorageConfig()
         bucket, key = split_bucket(uri)
         with s3_errors(uri, storage):
-            s3_client(storage).delete_object(Bucket=bucket, Key=key)
+            shared_s3_client(storage).delete_object(Bucket=bucket, Key=key)
         return
     fs, path = filesystem_for(uri, storage)
     try:
