@@ -90,6 +90,15 @@ class Lock:
 def open_lock(lock_uri: str, run_id: str, *, storage: StorageConfig, ttl_s: float) -> Lock:
     """The lock for ``lock_uri``: a ``FileLock`` for a local path, a ``LeaseLock`` for ``s3://``/``gs://``.
 
+    ``ttl_s``: how long a lease may go unrenewed before another run may take it over (leases only). The
+    holder renews every ``ttl_s/4`` and stops committing (``check()`` raises) ``ttl_s/2`` after the last
+    renewal that landed; a run that finds a crashed holder's lease waits ``ttl_s`` of silence first.
+
+    ``gs://`` guarantees what ``s3://`` does, through GCS generation preconditions (atomic on Google's
+    side) and google-cloud-storage; it cannot guarantee anything against a tool that overwrites the lease
+    object unconditionally, and the local tests run it only against gcp-storage-emulator, which ignores
+    preconditions: its fencing is verified on S3 (moto), its happy path on the emulator.
+
     Example::
 
         with open_lock(storage.join(output, "_bitray", "lock"), run_id, storage=cfg, ttl_s=120) as lock:
@@ -241,7 +250,13 @@ class LeaseLock(Lock):
                 return
             try:
                 if not self.object.delete(tag):
-                    log.warning("the lock %s had changed when released; left it to its holder", self.uri)
+                    current = self.object.read()  # a renewal whose response was lost may have landed
+                    if current is None or _parse(current[0]).get("token") != self.token:
+                        log.warning("the lock %s had changed when released; left it to its holder", self.uri)
+                    elif not self.object.delete(current[1]):
+                        log.warning(
+                            "could not release the lock %s; it expires after %.0f s", self.uri, self.ttl_s
+                        )
             except Exception as exc:  # the lease then expires after its TTL of silence
                 log.warning(
                     "could not release the lock %s (%s); it expires after %.0f s", self.uri, exc, self.ttl_s

@@ -198,7 +198,7 @@ def _cached_s3_client(endpoint: str | None, region: str, anonymous: bool, _crede
     return s3_client(config, timeout_s=30.0, max_attempts=1)
 
 
-def gcs_client(storage: StorageConfig | None = None, *, timeout_s: float | None = None):  # noqa: ANN201
+def gcs_client(storage: StorageConfig | None = None):  # noqa: ANN201
     """A google-cloud-storage client (``pip install google-cloud-storage``); honours
     ``STORAGE_EMULATOR_HOST`` for tests. ``storage.anonymous`` gives an anonymous client."""
     try:
@@ -214,8 +214,6 @@ def gcs_client(storage: StorageConfig | None = None, *, timeout_s: float | None 
             client.project = "bitray-test"
     else:
         client = gcs.Client()
-    if timeout_s:
-        client._http.request = functools.partial(client._http.request, timeout=timeout_s)
     return client
 
 
@@ -641,9 +639,10 @@ class GcsConditionalObject(ConditionalObject):
     atomic on the server like S3's. Without google-cloud-storage installed, ``conditional_object`` refuses
     ``gs://`` leases rather than fall back to unconditional writes."""
 
-    def __init__(self, uri: str, bucket) -> None:  # noqa: ANN001 - google.cloud.storage.Bucket
+    def __init__(self, uri: str, bucket, timeout_s: float = 60.0) -> None:  # noqa: ANN001 - a gcs Bucket
         self.uri = uri
         self.bucket = bucket
+        self.timeout = timeout_s
         _, self.key = split_bucket(uri)
 
     def read(self) -> tuple[bytes, str] | None:
@@ -651,12 +650,12 @@ class GcsConditionalObject(ConditionalObject):
 
         blob = self.bucket.blob(self.key)
         try:
-            data = blob.download_as_bytes()
+            data = blob.download_as_bytes(timeout=self.timeout)
             generation = blob.generation
             if generation is None:  # a server that sent no x-goog-generation: ask, then re-read that one
-                blob.reload()
+                blob.reload(timeout=self.timeout)
                 generation = blob.generation
-                data = blob.download_as_bytes(if_generation_match=generation)
+                data = blob.download_as_bytes(if_generation_match=generation, timeout=self.timeout)
         except (gexc.NotFound, gexc.PreconditionFailed):
             return None
         return data, str(generation)
@@ -671,7 +670,7 @@ class GcsConditionalObject(ConditionalObject):
         from google.api_core import exceptions as gexc
 
         try:
-            self.bucket.blob(self.key).delete(if_generation_match=int(tag))
+            self.bucket.blob(self.key).delete(if_generation_match=int(tag), timeout=self.timeout)
         except (gexc.PreconditionFailed, gexc.NotFound):
             return False
         return True
@@ -681,11 +680,13 @@ class GcsConditionalObject(ConditionalObject):
 
         blob = self.bucket.blob(self.key)
         try:
-            blob.upload_from_string(data, content_type="application/json", if_generation_match=generation)
+            blob.upload_from_string(
+                data, content_type="application/json", if_generation_match=generation, timeout=self.timeout
+            )
         except (gexc.PreconditionFailed, gexc.NotFound, gexc.Conflict):
             return None
         if blob.generation is None:  # GCS returns the new generation; an emulator may not
-            blob.reload()
+            blob.reload(timeout=self.timeout)
         return str(blob.generation)
 
 
@@ -697,7 +698,7 @@ def conditional_object(uri: str, storage: StorageConfig, *, timeout_s: float = 5
         return S3ConditionalObject(uri, s3_client(storage, timeout_s=timeout_s, max_attempts=2))
     if scheme == "gs":
         bucket, _ = split_bucket(uri)
-        return GcsConditionalObject(uri, gcs_client(storage, timeout_s=timeout_s).bucket(bucket))
+        return GcsConditionalObject(uri, gcs_client(storage).bucket(bucket), timeout_s)
     raise BitrayError(f"{uri!r}: conditional writes need an object store (s3:// or gs://)")
 
 

@@ -24,7 +24,7 @@ from bitray.locks import FileLock, LeaseLock, LockHeld, LockLost, open_lock
 
 pytest_plugins = ["fault_proxy"]
 
-TTL = 1.0
+TTL = 2.0
 
 
 @pytest.fixture(autouse=True)
