@@ -222,7 +222,13 @@ class LeaseLock(Lock):
                 started = time.monotonic()
                 new = self.object.replace(self._body(1), tag)
                 if new is None:  # another taker won the race, or the holder came back
-                    raise LockHeld(_held_message(self.uri, "another run took it over just now", "run again"))
+                    now = self.object.read()
+                    holder = _describe(now[0]) if now else "another run (it has released it since)"
+                    raise LockHeld(
+                        _held_message(
+                            self.uri, holder, "it took the lock over just now; wait for it to finish"
+                        )
+                    )
                 return self._acquired(new, 1, started)
             time.sleep(min(self.poll_s, holder_ttl - silence))
 

@@ -4,7 +4,7 @@ It forwards every request byte for byte (the raw request target, so keys with ``
 as the client encoded them) and, for the requests a rule picks, answers instead:
 
 - ``"503"``: ``503 SlowDown`` (S3's throttling answer); ``"500"``: ``500 InternalError``;
-- ``"403"``: ``403 AccessDenied``;
+- ``"403"``: ``403 AccessDenied``; ``"expired"``: ``400 ExpiredToken`` (session credentials ran out);
 - ``"reset"``: a TCP reset before any response;
 - ``"truncate"``: the real status and headers, half the body, then a reset;
 - ``"drop"``: forwards the request (the server acts on it), then resets instead of answering: a lost
@@ -19,7 +19,9 @@ Use it through the ``fault_proxy`` fixture below (``pytest_plugins = ["fault_pro
         ...
         assert fault_proxy.injected["503"] > 0
 
-For an end-to-end pipeline test, pass ``StorageConfig(s3_endpoint=fault_proxy.url)`` in the run's config
+Everything bitray sends to S3 goes through the proxy once its endpoint is the proxy's: boto3 (listing,
+reads, leases) and pyarrow's S3FileSystem (Parquet writes) both take ``StorageConfig.s3_endpoint``. For an
+end-to-end pipeline test, pass ``StorageConfig(s3_endpoint=fault_proxy.url)`` in the run's config
 (Ray workers get it with the config), or set ``AWS_ENDPOINT_URL_S3=fault_proxy.url`` before Ray starts:
 Ray workers see only the environment they were started with, so a session-wide Ray started earlier keeps
 the plain moto endpoint. Seed the data through ``fault_proxy.upstream`` (moto itself) so setup never
@@ -43,12 +45,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-KINDS = ("503", "500", "403", "reset", "truncate", "drop", "delay")
+KINDS = ("503", "500", "403", "expired", "reset", "truncate", "drop", "delay")
 
 _ERRORS = {
     "503": (503, "SlowDown", "Please reduce your request rate."),
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "403": (403, "AccessDenied", "Access Denied"),
+    "expired": (400, "ExpiredToken", "The provided token has expired."),
 }
 
 

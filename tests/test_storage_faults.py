@@ -54,7 +54,7 @@ def test_every_object_is_read_exactly_through_transient_faults(s3_server, s3_buc
     assert sum(fault_proxy.injected.values()) >= 10
 
 
-@pytest.mark.parametrize("kind", ["503", "500", "reset", "truncate"])
+@pytest.mark.parametrize("kind", ["503", "500", "expired", "reset", "truncate"])
 def test_persistent_faults_end_in_a_transient_error(s3_server, s3_bucket, fault_proxy, kind):
     _seed(s3_server, s3_bucket, 1)
     (obj,) = _listed(s3_server, s3_bucket)

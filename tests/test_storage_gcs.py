@@ -100,3 +100,22 @@ def test_gs_lease_happy_path(gcs_bucket):
         assert holder.renew()
         holder.check()
     assert gcs_bucket.get_blob("out/_bitray/lock") is None
+
+
+def test_gs_listing_streams_instead_of_gathering(monkeypatch):
+    """The listing yields the first page's objects before it asks for the second page."""
+    from types import SimpleNamespace
+
+    asked: list[int] = []
+
+    def list_blobs(bucket, prefix, page_size):  # noqa: ANN001, ANN202 - stands in for google's pager
+        for page in range(3):
+            asked.append(page)
+            for i in range(page_size):
+                yield SimpleNamespace(name=f"{prefix}{page}/{i:04d}.jpg", size=1, updated=None)
+
+    monkeypatch.setattr(storage, "gcs_client", lambda config=None: SimpleNamespace(list_blobs=list_blobs))
+    listing = storage.list_objects("gs://bucket/p/")
+    first = next(listing)
+    assert first.uri == "gs://bucket/p/0/0000.jpg" and asked == [0]
+    assert sum(1 for _ in listing) == 2999 and asked == [0, 1, 2]
