@@ -1,8 +1,10 @@
-"""One view of object storage: URIs (``s3://``, ``gs://``, local paths) -> pyarrow filesystems.
+"""One view of object storage: URIs (``s3://``, ``gs://``, local paths) -> listings, objects, filesystems.
 
-Reading and writing go through pyarrow. Listing S3 goes through boto3's paginator instead, because it
-streams pages of 1,000 keys and returns each object's ETag, which pyarrow's ``FileInfo`` lacks; both read
-credentials from the standard AWS chain, and neither ever prints them.
+Listing streams, and yields objects in code-point order of their URIs whatever the scheme: S3 through
+boto3's paginator (pages of 1,000 keys, with the ETags pyarrow's ``FileInfo`` lacks), GCS through
+google-cloud-storage's ``list_blobs`` (page by page; GCS, like S3, lists in UTF-8 byte order), local
+directories by a walk that sorts a directory as ``name + "/"``. Parquet goes through pyarrow filesystems
+(``filesystem_for``). Credentials come from the standard AWS and Google chains and are never printed.
 
 Keys are kept exactly as stored. An ``s3://`` or ``gs://`` URI is split at the first ``/`` after the
 bucket and never parsed as a URL, so ``s3://b/photos/summer #1.jpg`` names the key ``photos/summer #1.jpg``
@@ -740,10 +742,15 @@ def read_object(
             pause = random.uniform(0, min(10.0, 0.1 * 2**attempt))
             attempt += 1
             if time.monotonic() + pause > deadline:
+                cause = (
+                    "the credentials expired or were rotated: refresh them"
+                    if error_code(exc) in CREDENTIAL_CODES
+                    else "the store is throttling, failing or unreachable"
+                )
                 raise TransientStorageError(
-                    f"reading {obj.uri} kept failing for {retry_for_s:.0f} s ({attempt} attempts; last: "
-                    f"{type(exc).__name__}: {exc}); the store is throttling, failing or unreachable. Nothing "
-                    "was recorded for it: run again with the same run id to resume once it recovers"
+                    f"reading {obj.uri} kept failing for {retry_for_s:g} s ({attempt} attempts; last: "
+                    f"{type(exc).__name__}: {exc}); {cause}. Nothing was recorded for it: run again with "
+                    "the same run id to resume once it recovers"
                 ) from exc
             time.sleep(pause)
             continue
@@ -758,7 +765,13 @@ def _retryable(scheme: str, exc: BaseException, uri: str) -> bool:
     if scheme == "file":
         return isinstance(exc, OSError)
     if scheme == "gs":
-        return _gcs_transient(exc)
+        from google.api_core import exceptions as gexc
+
+        if _gcs_transient(exc):
+            return True
+        if isinstance(exc, gexc.GoogleAPICallError):
+            raise PermanentReadError(f"cannot read {uri}: {exc}") from None
+        return False
     if is_transient(exc):
         return True
     if error_code(exc):

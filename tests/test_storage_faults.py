@@ -60,8 +60,9 @@ def test_persistent_faults_end_in_a_transient_error(s3_server, s3_bucket, fault_
     (obj,) = _listed(s3_server, s3_bucket)
     fault_proxy.set_faults(rate=1.0, kinds=(kind,))
     started = time.monotonic()
-    with pytest.raises(TransientStorageError, match="kept failing .* run again with the same run id"):
+    with pytest.raises(TransientStorageError, match="kept failing .* run again with the same run id") as err:
         storage.read_object(obj, StorageConfig(s3_endpoint=fault_proxy.url), retry_for_s=1.0)
+    assert ("credentials expired" in str(err.value)) == (kind == "expired")
     assert time.monotonic() - started < 5
     assert fault_proxy.injected[kind] >= 2  # retried, not given up at the first fault
 
