@@ -210,3 +210,10 @@ def test_local_lock_is_released_by_the_kernel_when_its_holder_is_killed(tmp_path
         path.unlink()  # someone deleted the lock file under a live run: it no longer excludes anyone
         with pytest.raises(LockLost, match="deleted or replaced"):
             lock.check()
+
+
+def test_a_lease_in_a_missing_bucket_is_a_clear_error(s3_server):
+    with pytest.raises(storage.BitrayError, match="bucket 'no-such-bucket' .* does not exist"):
+        open_lock(
+            "s3://no-such-bucket/out/_bitray/lock", "run-a", storage=StorageConfig(), ttl_s=TTL
+        ).acquire()
