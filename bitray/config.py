@@ -87,6 +87,8 @@ class EmbedConfig(Section):
     """float16 compute on GPU actors (ignored on CPU, where it is slower)."""
     max_pixels: int | None = Field(None, ge=1)
     """Decompression-bomb limit per image; default: the images module's limit."""
+    max_bytes: int | None = Field(256 * 2**20, ge=1)
+    """Objects larger than this (by their listed size) are error rows without being read; null: no cap."""
     output: str = "./bitray-output/embeddings"
     shared_storage: bool = False
     """Local input/output paths are on storage every Ray node mounts (e.g. NFS). Without it, local paths

@@ -74,4 +74,4 @@ def test_s3_object_changed_or_deleted_after_listing(s3_server, s3_bucket):
     reasons = {e["path"].rsplit("/", 1)[1]: (e["stage"], e["error"]) for e in errors}
     assert reasons["changed.webp"] == ("read", reasons["changed.webp"][1])
     assert "changed after it was listed" in reasons["changed.webp"][1]
-    assert reasons["deleted.webp"][0] == "read" and "NoSuchKey" in reasons["deleted.webp"][1]
+    assert reasons["deleted.webp"][0] == "read" and "ObjectMissing" in reasons["deleted.webp"][1]

@@ -3,16 +3,17 @@
 A task takes work items (a row range of a manifest part: a few GETs for thousands of images) and yields
 one block per model batch, so the actors start on the first batch while the rest is still decoding.
 Every input row leaves this stage as one row: pixels, or an error (stage ``read`` or ``decode``, with a
-readable reason) and zero pixels. Rows already committed by an earlier attempt of the run are dropped
-here, so a resumed run reads and decodes only what is pending. Pixels travel as uint8 (a quarter of
+readable reason) and zero pixels. Only permanent read failures (``storage.PermanentReadError``: the object
+changed or vanished after listing, access refused, over ``max_bytes``) become error rows; transient ones
+are retried by ``storage.read_object`` and, if they persist, stop the run, which then resumes. Rows
+already committed by an earlier attempt of the run are dropped here, so a resumed run reads and decodes
+only what is pending. Pixels travel as uint8 (a quarter of
 float32) in a tensor column; the model function converts them.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,12 +22,8 @@ import pyarrow.parquet as pq
 from bitray import storage
 from bitray.config import StorageConfig
 from bitray.embed.ranges import contains
-from bitray.errors import BitrayError
 from bitray.images import DEFAULT_MAX_PIXELS, prepare_for_model
-
-
-class ObjectChanged(BitrayError):
-    """The object is no longer the version the run listed."""
+from bitray.storage import ObjectInfo
 
 
 def decode_items(
@@ -37,6 +34,7 @@ def decode_items(
     size: tuple[int, int],
     batch_size: int,
     max_pixels: int | None,
+    max_bytes: int | None,
     committed: tuple[np.ndarray, np.ndarray],
 ) -> Iterator[pa.Table]:
     """Work items (a manifest part and a row range in it) -> one block of decoded rows per model batch."""
@@ -50,6 +48,7 @@ def decode_items(
                 storage_config=storage_config,
                 size=size,
                 max_pixels=max_pixels,
+                max_bytes=max_bytes,
                 committed=committed,
             )
 
@@ -77,6 +76,7 @@ def decode_batch(
     size: tuple[int, int],
     max_pixels: int | None,
     committed: tuple[np.ndarray, np.ndarray],
+    max_bytes: int | None = None,
 ) -> pa.Table:
     """Read and decode a batch of manifest rows (``row, path, etag, size, mtime_ns``)."""
     from ray.data.extensions import ArrowTensorArray
@@ -92,9 +92,10 @@ def decode_batch(
     errors: list[str | None] = [None] * len(records)
     limit = max_pixels or DEFAULT_MAX_PIXELS
     for i, record in enumerate(records):
+        listed = ObjectInfo(record["path"], record["size"], record["mtime_ns"], record["etag"])
         try:
-            data = read_listed(record, storage_config)
-        except Exception as exc:
+            data = storage.read_object(listed, storage_config, max_bytes=max_bytes)
+        except storage.PermanentReadError as exc:  # transient failures stop the run instead (resumably)
             stages[i], errors[i] = "read", describe(exc)
             continue
         try:
@@ -108,43 +109,6 @@ def decode_batch(
         .append_column("error", pa.array(errors, pa.string()))
         .append_column("pixels", ArrowTensorArray.from_numpy(pixels))
     )
-
-
-def read_listed(record: dict[str, Any], storage_config: StorageConfig) -> bytes:
-    """The bytes of the object version the manifest lists, or ``ObjectChanged``.
-
-    Without this check a row's etag/size/mtime could describe other bytes than the ones embedded. The
-    version that changed is recorded as a read error; an incremental run embeds the new version.
-    """
-    path = record["path"]
-    if storage.scheme_of(path) == "s3" and record.get("etag"):
-        from botocore.exceptions import ClientError
-
-        bucket, key = storage.split_bucket(path)
-        client = _s3_client(storage_config.s3_endpoint, storage_config.s3_region, storage_config.anonymous)
-        with storage.s3_errors(path, storage_config):
-            try:
-                return client.get_object(Bucket=bucket, Key=key, IfMatch=record["etag"])["Body"].read()
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code", "") not in ("PreconditionFailed", "412"):
-                    raise
-        raise ObjectChanged(f"{path} changed after it was listed (listed etag {record['etag']})")
-    data = storage.read_bytes(path, storage_config)
-    if storage.scheme_of(path) == "file":
-        stat = storage.local_path(path).stat()
-        if (len(data), stat.st_size, stat.st_mtime_ns) != (
-            record["size"],
-            record["size"],
-            record["mtime_ns"],
-        ):
-            raise ObjectChanged(f"{path} changed after it was listed")
-    return data
-
-
-@functools.lru_cache(maxsize=4)
-def _s3_client(endpoint: str | None, region: str | None, anonymous: bool):  # noqa: ANN202 - boto3 is untyped
-    """One client per worker process: creating one costs far more than reading a small image."""
-    return storage.s3_client(StorageConfig(s3_endpoint=endpoint, s3_region=region, anonymous=anonymous))
 
 
 def describe(exc: BaseException) -> str:

@@ -51,6 +51,7 @@ class RunParams(BaseModel):
     batch_size: int
     rows_per_file: int
     max_pixels: int | None
+    max_bytes: int | None
     actors_min: int
     actors_max: int | None
     gpus_per_actor: float | None
@@ -77,6 +78,7 @@ class RunParams(BaseModel):
             batch_size=config.batch_size,
             rows_per_file=config.rows_per_file,
             max_pixels=config.max_pixels,
+            max_bytes=config.max_bytes,
             actors_min=config.actors_min,
             actors_max=config.actors_max,
             gpus_per_actor=config.gpus_per_actor,

@@ -230,6 +230,7 @@ def _stream(
             "size": params.image_size,
             "batch_size": params.batch_size,
             "max_pixels": params.max_pixels,
+            "max_bytes": params.max_bytes,
             "committed": committer.committed.as_arrays(),
         },
         # Reserving the memory a decoded batch needs also keeps this a separate operator: Ray would
