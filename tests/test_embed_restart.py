@@ -72,11 +72,11 @@ def kill_mid_run(command: list[str], files_published, while_running=None) -> Non
             os.killpg(proc.pid, signal.SIGKILL)  # and whatever of it is left
 
 
-def embed_command(src: str, out: str) -> list[str]:
+def embed_command(src: str, out: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "bitray", "embed", "--input", src, "--output", out,
             "--model", "random:tiny", "--image-size", "64", "--batch-size", str(BATCH),
             "--rows-per-file", str(ROWS_PER_FILE),
-            "--actors", "1", "--run-id", "killed", "--address", "local"]  # fmt: skip
+            "--actors", "1", "--run-id", "killed", "--address", "local", *extra]  # fmt: skip
 
 
 def test_driver_sigkill_then_restart_with_same_run_id(ray_local, tmp_path, capsys):
@@ -126,14 +126,18 @@ def test_driver_sigkill_on_s3(s3_server, s3_bucket, ray_local, tmp_path):
         listing = client.list_objects_v2(Bucket=s3_bucket, Prefix="out/embeddings/").get("Contents", [])
         return {o["Key"]: o["ETag"] for o in listing}
 
-    kill_mid_run(embed_command(src, out), lambda: len(published_etags()))
+    settings = tmp_path / "embed.yaml"
+    settings.write_text("lock_ttl_s: 3\n")  # the killed driver's lease lapses within seconds
+    kill_mid_run(embed_command(src, out, "--config", str(settings)), lambda: len(published_etags()))
     before = published_etags()
     fs = s3_filesystem(StorageConfig())
     emb, err = assert_no_duplicates(f"{s3_bucket}/out", fs)
     assert 0 < len(emb) + len(err) < COUNT
     uploads = client.list_multipart_uploads(Bucket=s3_bucket, Prefix="out/").get("Uploads", [])
 
-    config = tiny_config([src], out, batch_size=BATCH, rows_per_file=ROWS_PER_FILE, run_id="killed")
+    config = tiny_config(
+        [src], out, batch_size=BATCH, rows_per_file=ROWS_PER_FILE, run_id="killed", lock_ttl_s=3
+    )
     summary = run_embedding(config)
     assert (summary.inputs, summary.embedded + summary.errored) == (COUNT, COUNT)
     assert summary.processed <= COUNT - (len(emb) + len(err))
