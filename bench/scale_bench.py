@@ -134,7 +134,10 @@ class _Forward(http.server.BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
         with server.lock:
-            server.counts[server.classify(self.command, self.path)] += 1
+            kind = server.classify(self.command, self.path)
+            server.counts[kind] += 1
+            if os.environ.get("BENCH_LOG_REQUESTS") and kind.startswith("overhead"):
+                print(f"request: {self.command} {self.path[:140]}", flush=True)
         upstream = http.client.HTTPConnection(server.upstream.hostname, server.upstream.port, timeout=60)
         dropped = ("connection", "expect", "transfer-encoding")
         headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
@@ -147,7 +150,11 @@ class _Forward(http.server.BaseHTTPRequestHandler):
         for key, value in reply.getheaders():
             if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                 self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
+        # a HEAD reply has no body but says the object's length
+        self.send_header(
+            "Content-Length",
+            reply.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)),
+        )
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)

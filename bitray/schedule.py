@@ -354,6 +354,8 @@ class Scheduler:
             summary = layout.read_summary(run_id)
         except BitrayError as exc:
             return {}, f"no run summary: {exc}"
+        if summary is None:
+            return {}, f"no run summary: run {run_id} did not finish"
         counts = {
             k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)
         }

@@ -874,6 +874,23 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
         raise BitrayError(f"cannot read {uri!r}: {exc}") from None
 
 
+def read_if_exists(uri: str, storage: StorageConfig | None = None) -> bytes | None:
+    """A whole object or file, or None when it does not exist: one request either way."""
+    if scheme_of(uri) == "s3":
+        storage = storage or StorageConfig()
+        with s3_errors(uri, storage):
+            found = get_with_etag(uri, client=shared_s3_client(storage))
+        return None if found is None else found[0]
+    fs, path = filesystem_for(uri, storage)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise BitrayError(f"cannot read {uri!r}: {exc}") from None
+
+
 def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
     """Write a whole object. Local files are written to a temporary name and renamed, so readers never
     see a partial file; object stores make a single PUT visible atomically by themselves. S3 keys go
@@ -1106,7 +1123,18 @@ def move_file(src: str, dst: str, storage: StorageConfig | None = None) -> bool:
 
 
 def delete_tree(uri: str, storage: StorageConfig | None = None) -> None:
-    """Remove a directory or prefix and everything under it (batched deletes on object stores)."""
+    """Remove a directory or prefix and everything under it (on S3: a LIST and a batched DELETE per
+    1,000 keys; nothing else, so no directory markers appear)."""
+    if scheme_of(uri) == "s3":
+        storage = storage or StorageConfig()
+        client = shared_s3_client(storage)
+        bucket, prefix = split_bucket(uri.rstrip("/") + "/")
+        with s3_errors(uri, storage):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+                if keys:
+                    client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        return
     fs, path = filesystem_for(uri, storage)
     try:
         if fs.get_file_info(path).type == pafs.FileType.NotFound:

@@ -21,7 +21,7 @@ from bitray.embed import manifest as manifest_module
 from bitray.embed import state as state_module
 from bitray.embed.commit import CommitLog, MultipartPublisher, Receipt, RenamePublisher, RunCommitter
 from bitray.embed.layout import OutputLayout
-from bitray.embed.manifest import listed_inputs, read_part_batches
+from bitray.embed.manifest import listed_inputs, read_part
 from bitray.embed.plan import start_run
 from bitray.embed.state import IncrementalState, record_run
 from bitray.errors import BitrayError
@@ -155,8 +155,7 @@ def test_inputs_merge_in_order_without_duplicates_into_numbered_parts(tmp_path, 
     assert [(p.first_row, p.rows) for p in params.manifest] == [(0, 4), (4, 1)]
     rows = []
     for part in params.manifest:
-        for batch in read_part_batches(f"{layout.manifest_dir(RUN)}/{part.name}", layout.storage):
-            rows += batch.to_pylist()
+        rows += read_part(f"{layout.manifest_dir(RUN)}/{part.name}", layout.storage).to_pylist()
     assert [r["row"] for r in rows] == list(range(5)) and [r["path"] for r in rows] == uris
 
 

@@ -136,9 +136,10 @@ class MultipartPublisher:
             storage.abort_upload(staged.final, staged.upload_id, self.layout.storage)
 
     def cleanup(self, run_id: str) -> None:
-        for kind in DATA_KINDS:
-            prefix = storage.join(self.layout.data_dir(kind), f"part-{run_id}-")
-            for uri, upload_id in storage.pending_uploads(prefix, self.layout.storage):
+        data_dirs = tuple(self.layout.data_dir(kind) + "/" for kind in DATA_KINDS)
+        ours = f"/part-{run_id}-"
+        for uri, upload_id in storage.pending_uploads(self.layout.output + "/", self.layout.storage):
+            if uri.startswith(data_dirs) and ours in uri:  # one LIST for both directories
                 storage.abort_upload(uri, upload_id, self.layout.storage)
 
 
@@ -168,6 +169,8 @@ class CommitLog:
         self.directory = layout.log_dir(run_id)
         self.seq = 0
         self.since_checkpoint = 0
+        self.names: list[str] = []
+        """The log's objects: what the next checkpoint replaces."""
 
     def read(self) -> tuple[Checkpoint, list[Receipt]]:
         """The newest checkpoint and the receipts logged after it (one LIST, a GET per object read)."""
@@ -183,6 +186,7 @@ class CommitLog:
             segments = list(pool.map(self._read_segment, tail))
         self.seq = max([last_full, *tail])
         self.since_checkpoint = len(tail)
+        self.names = names
         return checkpoint, [receipt for segment in segments for receipt in segment]
 
     def _read_segment(self, seq: int) -> list[Receipt]:
@@ -193,6 +197,7 @@ class CommitLog:
         self.seq += 1
         body = {"receipts": [json.loads(r.model_dump_json()) for r in receipts]}
         write_json(storage.join(self.directory, f"{self.seq:08d}.json"), body, self.layout.storage)
+        self.names.append(f"{self.seq:08d}.json")
         self.since_checkpoint += 1
 
     def checkpoint(self, checkpoint: Checkpoint) -> None:
@@ -204,13 +209,13 @@ class CommitLog:
             self.layout.storage,
         )
         self.since_checkpoint = 0
-        older = [
-            storage.join(self.directory, n)
-            for n in storage.list_names(self.directory, self.layout.storage)
-            if n.endswith(".json") and int(n.split("-")[0].removesuffix(".json")) < self.seq
-        ]
+        older, self.names = self.names, [f"{self.seq:08d}-full.json"]
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda uri: storage.delete(uri, self.layout.storage), older))
+            list(
+                pool.map(
+                    lambda n: storage.delete(storage.join(self.directory, n), self.layout.storage), older
+                )
+            )
 
 
 class Lock(Protocol):
@@ -220,13 +225,14 @@ class Lock(Protocol):
 class RunCommitter:
     """The driver's side of the protocol for one run: decides, logs, publishes; holds only ranges."""
 
-    def __init__(self, layout: OutputLayout, run_id: str, lock: Lock) -> None:
+    def __init__(self, layout: OutputLayout, run_id: str, lock: Lock, *, fresh: bool = False) -> None:
+        """``fresh``: the run was just planned, so there is no log to read."""
         self.layout = layout
         self.run_id = run_id
         self.lock = lock
         self.publisher = publisher_for(layout)
         self.log = CommitLog(layout, run_id)
-        checkpoint, tail = self.log.read()
+        checkpoint, tail = (Checkpoint(), []) if fresh else self.log.read()
         self.committed = RowRanges(checkpoint.ranges)
         self.embedded, self.errored, self.files = checkpoint.embedded, checkpoint.errored, checkpoint.files
         self.models = set(checkpoint.models)
@@ -256,11 +262,13 @@ class RunCommitter:
         return True
 
     def finish(self) -> None:
-        """Fold the log and remove staged leftovers (aborted or crashed attempts)."""
+        """Remove staged leftovers (aborted or crashed attempts). Once the run's summary is written, its log
+        is no longer read: ``forget`` deletes it."""
         self.lock.check()
-        if self.log.since_checkpoint:
-            self.log.checkpoint(self.checkpoint())
         self.publisher.cleanup(self.run_id)
+
+    def forget(self) -> None:
+        storage.delete_tree(self.log.directory, self.layout.storage)
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(

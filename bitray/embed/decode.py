@@ -17,10 +17,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bitray import storage
 from bitray.config import StorageConfig
+from bitray.embed.manifest import read_part
 from bitray.embed.ranges import contains
 from bitray.images import DEFAULT_MAX_PIXELS, prepare_for_model
 from bitray.storage import ObjectInfo
@@ -41,7 +41,7 @@ def decode_items(
     for part, start, stop in zip(
         *(items.column(n).to_pylist() for n in ("part", "start", "stop")), strict=True
     ):
-        rows = read_manifest_rows(storage.join(manifest_dir, part), start, stop, storage_config)
+        rows = read_part(storage.join(manifest_dir, part), storage_config).slice(start, stop - start)
         for offset in range(0, rows.num_rows, batch_size):
             yield decode_batch(
                 rows.slice(offset, batch_size),
@@ -51,22 +51,6 @@ def decode_items(
                 max_bytes=max_bytes,
                 committed=committed,
             )
-
-
-def read_manifest_rows(uri: str, start: int, stop: int, storage_config: StorageConfig) -> pa.Table:
-    """Rows ``[start, stop)`` of a manifest part, reading only the row groups that hold them."""
-    fs, path = storage.filesystem_for(uri, storage_config)
-    with fs.open_input_file(path) as stream:
-        reader = pq.ParquetFile(stream)
-        groups, first, position = [], None, 0
-        for index in range(reader.num_row_groups):
-            count = reader.metadata.row_group(index).num_rows
-            if position < stop and start < position + count:
-                groups.append(index)
-                first = position if first is None else first
-            position += count
-        table = reader.read_row_groups(groups)
-    return table.slice(start - (first or 0), stop - start)
 
 
 def decode_batch(

@@ -123,11 +123,10 @@ class OutputLayout:
     def is_begun(self, run_id: str) -> bool:
         return storage.exists(self.params_file(run_id), self.storage)
 
-    def is_finished(self, run_id: str) -> bool:
-        return storage.exists(self.summary_file(run_id), self.storage)
-
-    def read_summary(self, run_id: str) -> dict[str, Any]:
-        return read_json(self.summary_file(run_id), self.storage)
+    def read_summary(self, run_id: str) -> dict[str, Any] | None:
+        """The summary of a finished run, or None while it is not finished (one request)."""
+        data = storage.read_if_exists(self.summary_file(run_id), self.storage)
+        return None if data is None else json.loads(data)
 
     def write_summary(self, run_id: str, summary: dict[str, Any]) -> None:
         write_json(self.summary_file(run_id), summary, self.storage)

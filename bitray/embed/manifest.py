@@ -10,7 +10,9 @@ tasks, actors, output files and the commit log speak of row ranges, never of pat
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,8 +32,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("mtime_ns", pa.int64()),
     ]
 )
-PART_ROWS = 131_072
-"""Rows per manifest part: about 15 MB of driver memory while a part is written, 760 parts at 100M."""
+PART_ROWS = 8_192
+"""Rows per manifest part (about 1 MB): a decode task reads the part it works on with one GET, and the
+driver buffers one part while writing. 100M images make about 12,200 parts."""
 CHUNK_ROWS = 8_192
 """Rows per Arrow record batch and Parquet row group while streaming."""
 
@@ -116,16 +119,26 @@ class ManifestWriter:
         self.parts.append(ManifestPart(name=name, first_row=self.rows - table.num_rows, rows=table.num_rows))
 
 
-def read_part_batches(
-    uri: str, storage_config: StorageConfig, columns: list[str] | None = None
-) -> Iterator[pa.RecordBatch]:
-    """The record batches of one Parquet file, a row group at a time (never the whole file in memory)."""
-    fs, path = storage.filesystem_for(uri, storage_config)
-    try:
-        with fs.open_input_file(path) as stream:
-            yield from pq.ParquetFile(stream).iter_batches(batch_size=CHUNK_ROWS, columns=columns)
-    except FileNotFoundError:
-        raise BitrayError(f"{uri!r} is missing; the output's bitray state was changed by hand") from None
+def read_part(uri: str, storage_config: StorageConfig, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet part of bitray's state, read whole with one GET."""
+    data = storage.read_if_exists(uri, storage_config)
+    if data is None:
+        raise BitrayError(f"{uri!r} is missing; the output's bitray state was changed by hand")
+    return pq.read_table(pa.BufferReader(data), columns=columns)
+
+
+def read_parts(
+    uris: list[str], storage_config: StorageConfig, columns: list[str] | None = None, ahead: int = 8
+) -> Iterator[pa.Table]:
+    """The parts in order, up to ``ahead`` fetched concurrently (memory: ``ahead`` parts)."""
+    with ThreadPoolExecutor(ahead) as pool:
+        pending: deque = deque()
+        for uri in uris:
+            pending.append(pool.submit(read_part, uri, storage_config, columns))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def version_of(etag: str | None, size: int, mtime_ns: int | None) -> str:

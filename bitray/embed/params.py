@@ -97,9 +97,20 @@ class RunParams(BaseModel):
 
     @classmethod
     def load(cls, layout: OutputLayout, run_id: str) -> RunParams:
+        params = cls.load_if_begun(layout, run_id)
+        if params is None:
+            raise BitrayError(f"run {run_id} has no parameters under {layout.output}; it never began")
+        return params
+
+    @classmethod
+    def load_if_begun(cls, layout: OutputLayout, run_id: str) -> RunParams | None:
+        """The run's parameters, or None when it has not begun (one request either way)."""
         uri = layout.params_file(run_id)
+        data = storage.read_if_exists(uri, layout.storage)
+        if data is None:
+            return None
         try:
-            params = cls.model_validate_json(storage.read_bytes(uri, layout.storage))
+            params = cls.model_validate_json(data)
         except ValidationError as exc:
             raise BitrayError(
                 f"run {run_id}'s parameters {uri} are unreadable ({exc.error_count()} problem(s), first: "

@@ -21,10 +21,10 @@ from typing import Any
 from bitray import ray_session, storage
 from bitray.config import EmbedConfig
 from bitray.embed.actor import EmbedActor
-from bitray.embed.commit import Receipt, RunCommitter, publisher_for
+from bitray.embed.commit import Lock, Receipt, RunCommitter, publisher_for
 from bitray.embed.decode import decode_items
 from bitray.embed.layout import OutputLayout
-from bitray.embed.manifest import CHUNK_ROWS
+from bitray.embed.manifest import PART_ROWS
 from bitray.embed.params import RunParams, resolved_storage
 from bitray.embed.plan import DryRun, dry_run, start_run
 from bitray.embed.ranges import Range
@@ -93,35 +93,33 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
     print(f"bitray: run {run_id} -> {layout.output}", flush=True)
     with open_lock(layout.lock_uri, run_id, storage=layout.storage, ttl_s=config.lock_ttl_s) as lock:
         state = IncrementalState.load(layout)
-        begun = layout.is_begun(run_id)
+        params = RunParams.load_if_begun(layout, run_id) if config.run_id else None  # a new id is new
         others = [r for r in layout.run_ids() if r != run_id]
         unfinished = [r for r in others if r not in state.finished and layout.is_begun(r)]
         if config.incremental:
             for other in unfinished:
                 print(f"bitray: finishing the interrupted run {other} first", flush=True)
-                _execute(layout, RunParams.load(layout, other), lock, address, time.monotonic())
-        elif not begun and (unfinished or [r for r in others if r in state.finished]):
+                _, state = _execute(
+                    layout, RunParams.load(layout, other), state, lock, address, time.monotonic()
+                )
+        elif params is None and (unfinished or state.finished):
             held = unfinished or state.finished
             raise BitrayError(
                 f"output {layout.output} already holds run(s) {', '.join(held[:3])}; resume one with "
                 f"--run-id {held[-1]}, add only new images with --incremental, or choose another --output"
             )
-        if begun:
-            params = RunParams.load(layout, run_id)
-            changed = params.differences(config)
-            if changed and not layout.is_finished(run_id):
-                print(
-                    f"bitray: resuming run {run_id} with its own settings: {', '.join(changed)}", flush=True
-                )
-        else:
-            params = start_run(config, layout, run_id, IncrementalState.load(layout))
+        if params is None:
+            params = start_run(config, layout, run_id, state)
             counts = params.counts
             print(
                 f"bitray: {counts.todo} image(s) to embed ({counts.new} new, {counts.changed} changed)"
                 + (f", {counts.unchanged} unchanged" if counts.unchanged else ""),
                 flush=True,
             )
-        return _execute(layout, params, lock, address, started)
+            return _execute(layout, params, state, lock, address, started, fresh=True)[0]
+        if changed := params.differences(config):
+            print(f"bitray: run {run_id} keeps its own settings: {', '.join(changed)}", flush=True)
+        return _execute(layout, params, state, lock, address, started)[0]
 
 
 def dry_run_embedding(config: EmbedConfig) -> DryRun:
@@ -131,17 +129,61 @@ def dry_run_embedding(config: EmbedConfig) -> DryRun:
 
 
 def _execute(
-    layout: OutputLayout, params: RunParams, lock, address: str | None, started: float
-) -> RunSummary:  # noqa: ANN001
-    """Embed what of the run is not committed, then record it as finished and return its summary."""
+    layout: OutputLayout,
+    params: RunParams,
+    state: IncrementalState,
+    lock: Lock,
+    address: str | None,
+    started: float,
+    *,
+    fresh: bool = False,
+) -> tuple[RunSummary, IncrementalState]:
+    """Embed what of the run is not committed, then record it as finished; its summary and the new state.
+
+    ``fresh``: the run was planned by this invocation, so it has no log and no summary yet.
+    """
     run_id = params.run_id
-    if layout.is_finished(run_id):
-        record_run(layout, IncrementalState.load(layout), params)  # in case a crash came between the two
+    finished = None if fresh else layout.read_summary(run_id)
+    if finished is not None:
+        state = record_run(layout, state, params)  # in case a crash came between the two
         print("bitray: run already finished; nothing to do", flush=True)
-        return RunSummary(
-            **{**layout.read_summary(run_id), "seconds": 0.0, "images_per_s": 0.0, "processed": 0}
-        )
-    committer = RunCommitter(layout, run_id, lock)
+        return RunSummary(**{**finished, "seconds": 0.0, "images_per_s": 0.0, "processed": 0}), state
+    processed = 0
+    counts = {"embedded": 0, "errored": 0, "files": 0, "models": set()}
+    committer = None
+    if params.rows:  # an incremental run that found nothing new has nothing to commit
+        committer = RunCommitter(layout, run_id, lock, fresh=fresh)
+        processed = _embed_pending(layout, params, committer, address)
+        committer.finish()
+        counts = {"embedded": committer.embedded, "errored": committer.errored, "files": committer.files,
+                  "models": committer.models}  # fmt: skip
+    seconds = time.monotonic() - started
+    summary = RunSummary(
+        run_id=run_id,
+        output=layout.output,
+        inputs=params.rows,
+        embedded=counts["embedded"],
+        errored=counts["errored"],
+        model_id=", ".join(sorted(counts["models"])) or None,
+        seconds=round(seconds, 3),
+        images_per_s=round(processed / seconds, 3) if seconds > 0 else 0.0,
+        processed=processed,
+        unchanged=params.counts.unchanged,
+        files=counts["files"],
+    )
+    lock.check()
+    state = record_run(layout, state, params)
+    layout.write_summary(run_id, summary.to_dict())
+    if committer is not None:
+        committer.forget()
+    return summary, state
+
+
+def _embed_pending(
+    layout: OutputLayout, params: RunParams, committer: RunCommitter, address: str | None
+) -> int:
+    """Run the pipeline over what is pending until every input is committed; images processed."""
+    run_id = params.run_id
     processed = 0
     for _ in range(MAX_PASSES):
         pending = list(committer.committed.missing(params.rows))
@@ -160,25 +202,7 @@ def _execute(
             f"run {run_id} accounted for {accounted} of {params.rows} inputs; "
             f"run it again with --run-id {run_id} to finish it"
         )
-    committer.finish()
-    seconds = time.monotonic() - started
-    summary = RunSummary(
-        run_id=run_id,
-        output=layout.output,
-        inputs=params.rows,
-        embedded=committer.embedded,
-        errored=committer.errored,
-        model_id=", ".join(sorted(committer.models)) or None,
-        seconds=round(seconds, 3),
-        images_per_s=round(processed / seconds, 3) if seconds > 0 else 0.0,
-        processed=processed,
-        unchanged=params.counts.unchanged,
-        files=committer.files,
-    )
-    lock.check()
-    record_run(layout, IncrementalState.load(layout), params)
-    layout.write_summary(run_id, summary.to_dict())
-    return summary
+    return processed
 
 
 def _discard(layout: OutputLayout, run_id: str) -> None:
@@ -292,12 +316,13 @@ def work_items(params: RunParams, pending: list[Range], rows_per_item: int) -> l
 
 
 def _rows_per_item(params: RunParams, pending: list[Range], resources: ActorResources) -> int:
-    """Enough items to keep every CPU decoding (four per CPU), few enough that reading the manifest costs
-    a few requests per thousands of images: between four model batches and a manifest row group."""
+    """Two items per CPU left for decoding, each at most a manifest part: a decode task reads the part
+    it works on with one GET, so large runs cost one request per 8,192 images for it."""
     pending_rows = sum(stop - start for start, stop in pending)
-    wanted = -(-pending_rows // (4 * max(1, int(resources.cluster_cpus))))
+    decoding = max(1, int(resources.cluster_cpus - resources.actors_max * resources.cpus))
+    wanted = -(-pending_rows // (2 * decoding))
     batches = -(-wanted // params.batch_size)
-    return max(4 * params.batch_size, min(CHUNK_ROWS, batches * params.batch_size))
+    return max(4 * params.batch_size, min(PART_ROWS, batches * params.batch_size))
 
 
 def _decode_memory(batch_size: int, size: tuple[int, int]) -> int:

@@ -24,12 +24,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bitray import storage
 from bitray.embed.layout import OutputLayout
-from bitray.embed.manifest import CHUNK_ROWS, PART_ROWS, read_part_batches, version_of
+from bitray.embed.manifest import CHUNK_ROWS, read_parts, version_of
 from bitray.embed.params import RunParams
 from bitray.errors import BitrayError
 from bitray.storage import ObjectInfo
 
 MAX_DELTAS = 8
+BASE_PART_ROWS = 131_072
+"""Rows per part of the compacted base (about 13 MB), read whole and one at a time."""
 VERSIONS_SCHEMA = pa.schema([("path", pa.string()), ("version", pa.string())])
 Status = Literal["new", "changed", "unchanged"]
 
@@ -49,10 +51,11 @@ class IncrementalState(BaseModel):
     @classmethod
     def load(cls, layout: OutputLayout) -> IncrementalState:
         uri = current_uri(layout)
-        if not storage.exists(uri, layout.storage):
+        data = storage.read_if_exists(uri, layout.storage)
+        if data is None:
             return cls()
         try:
-            return cls.model_validate_json(storage.read_bytes(uri, layout.storage))
+            return cls.model_validate_json(data)
         except ValidationError:
             raise BitrayError(
                 f"{uri} is unreadable; it was edited by hand or written by another bitray version. "
@@ -80,20 +83,19 @@ def recorded_versions(layout: OutputLayout, state: IncrementalState) -> Iterator
 
 
 def _base_versions(layout: OutputLayout, state: IncrementalState) -> Iterator[tuple[str, str]]:
-    for name in state.base:
-        uri = storage.join(base_dir(layout, state.generation), name)
-        for batch in read_part_batches(uri, layout.storage):
-            yield from zip(batch.column("path").to_pylist(), batch.column("version").to_pylist(), strict=True)
+    uris = [storage.join(base_dir(layout, state.generation), name) for name in state.base]
+    for table in read_parts(uris, layout.storage):
+        yield from zip(table.column("path").to_pylist(), table.column("version").to_pylist(), strict=True)
 
 
 def _manifest_versions(layout: OutputLayout, run_id: str) -> Iterator[tuple[str, str]]:
     params = RunParams.load(layout, run_id)
-    for part in params.manifest:
-        uri = storage.join(layout.manifest_dir(run_id), part.name)
-        for batch in read_part_batches(uri, layout.storage, columns=["path", "etag", "size", "mtime_ns"]):
-            columns = [batch.column(name).to_pylist() for name in ("path", "etag", "size", "mtime_ns")]
-            for path, etag, size, mtime_ns in zip(*columns, strict=True):
-                yield path, version_of(etag, size, mtime_ns)
+    uris = [storage.join(layout.manifest_dir(run_id), part.name) for part in params.manifest]
+    names = ["path", "etag", "size", "mtime_ns"]
+    for table in read_parts(uris, layout.storage, columns=names):
+        columns = [table.column(name).to_pylist() for name in names]
+        for path, etag, size, mtime_ns in zip(*columns, strict=True):
+            yield path, version_of(etag, size, mtime_ns)
 
 
 def diff(
@@ -144,7 +146,7 @@ def _compact(layout: OutputLayout, state: IncrementalState) -> IncrementalState:
             continue
         previous = pair
         rows.append(pair)
-        if len(rows) == PART_ROWS:
+        if len(rows) == BASE_PART_ROWS:
             names.append(_write_versions(directory, len(names), rows, layout))
             rows = []
     if rows or not names:
