@@ -121,9 +121,8 @@ def test_incremental_new_changed_unchanged(ray_local, tmp_path, monkeypatch, cap
     first = run_embedding(tiny_config([str(src)], str(out), incremental=True, run_id="w1"))
     assert (first.inputs, first.embedded, first.unchanged) == (5, 5, 0)
 
-    # w1 killed after its last commit, before it was recorded as finished: the next run finishes w1 first
+    # w1 killed after its summary, before the state recorded it: the next run records w1 first
     w1 = out / "_bitray" / "runs" / "w1"
-    (w1 / "summary.json").unlink()
     (out / "_bitray" / "state" / "current.json").unlink()  # w1 was the only run the state knew
 
     write_photos(src, 2, seed=1)  # two new objects
@@ -143,7 +142,7 @@ def test_incremental_new_changed_unchanged(ray_local, tmp_path, monkeypatch, cap
     assert (third.inputs, third.embedded, third.unchanged) == (0, 0, 7)
 
     emb, err = read_output(out)
-    assert err.empty and len(emb) == 8  # 5 + 2 new + 1 new version of a changed object
+    assert err.empty and len(emb) == 8, (err.to_dict("records"), len(emb))  # 5 + 2 new + 1 new version
     versions = list(zip(emb.path, emb["size"], emb.mtime, strict=True))
     assert len(set(versions)) == len(versions)  # every object version exactly once
     assert sorted(emb[emb.path == str(changed)].run_id) == ["w1", "w2"]

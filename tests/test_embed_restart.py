@@ -86,8 +86,10 @@ def test_driver_sigkill_then_restart_with_same_run_id(ray_local, tmp_path, capsy
     def second_run_is_refused() -> None:  # while the first works, a second (incremental) run is refused
         command = ["embed", "--input", str(src), "--output", str(out), "--model", "random:tiny"]
         command.append("--incremental")
-        assert main(command) != 0
-        assert "killed" in capsys.readouterr().err  # the message names the run that holds the lock
+        code = main(command)
+        captured = capsys.readouterr()
+        assert code != 0, captured.out[-3000:]
+        assert "killed" in captured.err  # the message names the run that holds the lock
 
     kill_mid_run(embed_command(str(src), str(out)), lambda: len(published(out)), second_run_is_refused)
 

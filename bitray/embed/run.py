@@ -172,8 +172,8 @@ def _execute(
         files=counts["files"],
     )
     lock.check()
+    layout.write_summary(run_id, summary.to_dict())  # first: a run with a summary is recorded on resume
     state = record_run(layout, state, params)
-    layout.write_summary(run_id, summary.to_dict())
     if committer is not None:
         committer.forget()
     return summary, state
@@ -226,7 +226,7 @@ def _run_pipeline(
     # A block per model batch: Ray would otherwise gather a task's small outputs into 128 MB blocks, and
     # the actors (and commits) would wait for whole decode tasks instead of streaming.
     batch_bytes = params.batch_size * params.image_size[0] * params.image_size[1] * 3
-    saved_block_size, ctx.target_max_block_size = ctx.target_max_block_size, max(batch_bytes, 2**20)
+    saved_block_size, ctx.target_max_block_size = ctx.target_max_block_size, batch_bytes
     try:
         return _stream(layout, params, committer, pending, actor_resources(params, ray.cluster_resources()))
     finally:
