@@ -8,7 +8,8 @@ N synthetic JPEGs (500x375, from scikit-image's sample photos: random crops, fli
 uploaded to an S3 endpoint (moto's server, in its own process on 127.0.0.1 so its memory is not counted).
 Then, with random-init weights of ``--arch`` (the same weights in every phase):
 
-  (b) the full pipeline, ``bitray.embed.run_embedding``: S3 -> decode -> actors -> Parquet (a local dir);
+  (b) the full pipeline, ``bitray.embed.run_embedding``: S3 -> decode -> actors -> Parquet (a local dir),
+      with ``--rows-per-file`` rows per output file (default: a tenth of N, so that steady state shows);
       on N images, then on scale*N images for memory. RSS of the driver and of every process it started
       (raylet, workers, actors; moto excluded) is sampled every 0.2 s; peaks are reported.
   (a) model only: the same N images decoded in advance, fed to the model in batches (driver, all cores).
@@ -18,8 +19,8 @@ Then, with random-init weights of ``--arch`` (the same weights in every phase):
 (b) runs first, while the driver has not imported TensorFlow, so Ray's workers have the cores to
 themselves, each run on a fresh local Ray instance; (a) and (c) run after Ray has shut down. Throughput
 of (b) is reported twice: end to end (``run_embedding``'s wall time, including actor start and model
-load) and steady state (images committed after the first shard, over the time between the first and last
-shard commits). Ratios use both.
+load) and steady state (images published after the first file, over the time between the first and last
+published files). Ratios use both.
 Goals (issue 3): b/a >= 0.9, b/c >= 1.0, peak RSS at scale*N within 1.25x of N. Sums of RSS count pages
 shared between processes (the object store) more than once; they are an upper bound.
 """
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", type=int, default=10, help="memory: compare peak RSS at N and scale*N images")
     p.add_argument("--size", type=int, default=224, help="model input size (square)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rows-per-file", type=int, default=None, help="pipeline setting (default: N/10)")
     p.add_argument("--mixed-precision", action="store_true", help="float16 compute for (a) and (b) on GPU")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs given to the local Ray instance")
     p.add_argument("--actors-max", type=int, default=None, help="pipeline setting (default: bitray decides)")
@@ -221,13 +223,14 @@ def pipeline(args: argparse.Namespace, prefix: str, output: Path, moto_pid: int)
         model=f"random:{args.arch}",
         image_size=args.size,
         batch_size=args.batch_size,
+        rows_per_file=args.rows_per_file or max(args.batch_size, args.n // 10),
         mixed_precision=args.mixed_precision,
         actors_max=args.actors_max,
         cpus_per_actor=args.cpus_per_actor,
     )
     with RssSampler(exclude={moto_pid}) as rss:
         summary = run_embedding(config)
-    steady = steady_rate(sorted(output.glob("_bitray/runs/*/commits/*.json")))
+    steady = steady_rate([*output.glob("embeddings/*.parquet"), *output.glob("errors/*.parquet")])
     return {
         "images": summary.inputs,
         "embedded": summary.embedded,
@@ -240,13 +243,16 @@ def pipeline(args: argparse.Namespace, prefix: str, output: Path, moto_pid: int)
     }
 
 
-def steady_rate(commit_files: list[Path]) -> float | None:
-    """Images per second between the first and the last shard commit (actor start and model load excluded)."""
-    if len(commit_files) < 2:
+def steady_rate(files: list[Path]) -> float | None:
+    """Images per second between the first and the last published file (actor start and model load
+    excluded): rows of every file but the first, over the time between the first and the last."""
+    import pyarrow.parquet as pq
+
+    if len(files) < 2:
         return None
-    records = sorted((p.stat().st_mtime, json.loads(p.read_text())) for p in commit_files)
-    span = records[-1][0] - records[0][0]
-    later = sum(record["embedded"] + record["errored"] for _, record in records[1:])
+    published = sorted((p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows) for p in files)
+    span = published[-1][0] - published[0][0]
+    later = sum(rows for _, rows in published[1:])
     return later / span if span > 0 else None
 
 
@@ -254,14 +260,15 @@ def model_only(args: argparse.Namespace, images: list[bytes]) -> dict:
     """(a): the model on pre-decoded arrays (same decode and resize as the pipeline)."""
     import tf_keras
 
-    from bitray.images import load_for_model
+    from bitray.images import prepare_for_model
     from bitray.model import load_model
 
     if args.mixed_precision:
         tf_keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         loaded = load_model(f"random:{args.arch}")
-        arrays = np.stack([load_for_model(data, (args.size, args.size)) for data in images])
+        size = (args.size, args.size)  # the pipeline's decode, scaled to [0, 1] as its actors do
+        arrays = np.stack([prepare_for_model(data, size)[0] for data in images]).astype(np.float32) / 255
         batches = [arrays[i : i + args.batch_size] for i in range(0, len(arrays), args.batch_size)]
         forward = loaded.inference_function()  # the same traced graph the pipeline's actors run
         forward(batches[0])  # trace and warm up
