@@ -152,14 +152,37 @@ def test_driver_sigkill_on_s3(s3_server, s3_bucket, ray_local, tmp_path):
     )
 
 
-def test_actor_killed_mid_run(ray_local, tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_actor_killed_mid_run(where, ray_local, s3_server, tmp_path, request):
     """SIGKILL the embedding actor once a file is published: Ray restarts it and retries its work."""
-    src, out = tmp_path / "in", tmp_path / "out"
-    write_photos(src, COUNT)
+    photos = write_photos(tmp_path / "in", COUNT)
+    if where == "s3":
+        import boto3
+
+        bucket = request.getfixturevalue("s3_bucket")
+        client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+        for path in photos:
+            client.put_object(Bucket=bucket, Key=f"in/{path.name}", Body=path.read_bytes())
+        src, out = f"s3://{bucket}/in/", f"s3://{bucket}/out"
+
+        def published_files() -> int:
+            return client.list_objects_v2(Bucket=bucket, Prefix="out/embeddings/").get("KeyCount", 0)
+
+        from bitray.config import StorageConfig
+        from bitray.storage import s3_filesystem
+
+        reader = (f"{bucket}/out", s3_filesystem(StorageConfig()))
+    else:
+        src, out = str(tmp_path / "in"), str(tmp_path / "out")
+
+        def published_files() -> int:
+            return len(published(tmp_path / "out"))
+
+        reader = (out, None)
     killed: list[int] = []
 
     def kill_actor() -> None:
-        wait_for(lambda: len(published(out)) >= 1, 240, "a published file")
+        wait_for(lambda: published_files() >= 1, 240, "a published file")
         for child in psutil.Process().children(recursive=True):
             try:
                 if any("EmbedActor" in part for part in child.cmdline()):
@@ -170,10 +193,10 @@ def test_actor_killed_mid_run(ray_local, tmp_path):
 
     killer = threading.Thread(target=kill_actor, daemon=True)
     killer.start()
-    config = tiny_config([str(src)], str(out), batch_size=BATCH, rows_per_file=ROWS_PER_FILE, run_id="actor")
+    config = tiny_config([src], out, batch_size=BATCH, rows_per_file=ROWS_PER_FILE, run_id="actor")
     summary = run_embedding(config)
     killer.join(timeout=5)
     assert killed, "no embedding actor was found to kill"
     assert (summary.inputs, summary.embedded, summary.errored) == (COUNT, COUNT, 0)
-    emb, _ = assert_no_duplicates(out)
+    emb, _ = assert_no_duplicates(*reader)
     assert len(emb) == COUNT
