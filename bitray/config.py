@@ -34,6 +34,9 @@ class StorageConfig(Section):
     """Falls back to ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, then ``us-east-1``."""
     anonymous: bool = False
     """Unsigned requests, for public buckets."""
+    read_retry_s: float = Field(120.0, gt=0)
+    """How long a failing image read is retried (throttling, 5xx, timeouts, resets) before the run stops
+    resumably; such failures never become error rows."""
 
     def resolved_s3_endpoint(self) -> str | None:
         return (

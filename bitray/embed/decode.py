@@ -78,7 +78,9 @@ def decode_batch(
     for i, record in enumerate(records):
         listed = ObjectInfo(record["path"], record["size"], record["mtime_ns"], record["etag"])
         try:
-            data = storage.read_object(listed, storage_config, max_bytes=max_bytes)
+            data = storage.read_object(
+                listed, storage_config, max_bytes=max_bytes, retry_for_s=storage_config.read_retry_s
+            )
         except storage.PermanentReadError as exc:  # transient failures stop the run instead (resumably)
             stages[i], errors[i] = "read", describe(exc)
             continue

@@ -348,8 +348,9 @@ def _bitray_cause(exc: BaseException) -> str | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, BitrayError):
+        original = getattr(current, "cause", None)  # a RayTaskError's own exception, without the traceback
+        if isinstance(current, BitrayError) and not isinstance(original, BitrayError):
             return str(current)
-        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+        stack += [current.__cause__, current.__context__, original]
     found = re.findall(r"^bitray\.[\w.]*Error: (.+)$", str(exc), flags=re.MULTILINE)
     return found[-1] if found else None
