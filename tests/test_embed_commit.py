@@ -209,3 +209,33 @@ def test_dry_run_of_a_plain_run_into_a_used_output_says_it_would_be_refused(tmp_
     report = json.loads(printed.strip().splitlines()[-1])
     assert report["counts"]["listed"] == 3 and report["estimated_bytes"] == 3 * (4 * 1024 + 200)
     assert snapshot(out) == before
+
+
+def test_work_items_cover_exactly_the_pending_rows():
+    """Randomised: however the parts and the committed ranges fall, items hold each pending row once."""
+    import random
+
+    from bitray.embed.params import ManifestPart, RunParams
+    from bitray.embed.ranges import RowRanges
+    from bitray.embed.run import work_items
+
+    rng = random.Random(0)
+    for _ in range(300):
+        parts, first = [], 0
+        for i in range(rng.randint(1, 6)):
+            rows = rng.randint(1, 20)
+            parts.append(ManifestPart(name=f"p{i}", first_row=first, rows=rows))
+            first += rows
+        committed = RowRanges()
+        for _ in range(rng.randint(0, 5)):
+            start = rng.randint(0, first)
+            committed.add(start, rng.randint(start, first))
+        pending = list(committed.missing(first))
+        params = RunParams.model_construct(manifest=parts)
+        size = rng.randint(1, 7)
+        offsets = {p.name: p.first_row for p in parts}
+        rows = []
+        for item in work_items(params, pending, size):
+            assert 0 < item["stop"] - item["start"] <= size
+            rows += [offsets[item["part"]] + r for r in range(item["start"], item["stop"])]
+        assert rows == [r for start, stop in pending for r in range(start, stop)]

@@ -302,16 +302,25 @@ def _stream(
 
 
 def work_items(params: RunParams, pending: list[Range], rows_per_item: int) -> list[dict[str, Any]]:
-    """The pending rows as ``{part, start, stop}`` pieces of at most ``rows_per_item`` rows in one part."""
+    """The pending rows as ``{part, start, stop}`` pieces of at most ``rows_per_item`` rows in one part.
+
+    One walk over the sorted ranges and the sorted parts: linear in their number, however fragmented.
+    """
     items = []
-    for part in params.manifest:
-        for start, stop in pending:
-            start, stop = max(start, part.first_row), min(stop, part.first_row + part.rows)
-            for first in range(start, stop, rows_per_item):
-                last = min(first + rows_per_item, stop)
-                items.append(
-                    {"part": part.name, "start": first - part.first_row, "stop": last - part.first_row}
-                )
+    parts = params.manifest
+    first_part = 0
+    for start, stop in pending:
+        while first_part < len(parts) and parts[first_part].first_row + parts[first_part].rows <= start:
+            first_part += 1
+        index = first_part
+        while index < len(parts) and parts[index].first_row < stop:
+            part = parts[index]
+            low, high = max(start, part.first_row), min(stop, part.first_row + part.rows)
+            for first in range(low, high, rows_per_item):
+                last = min(first + rows_per_item, high)
+                offset = part.first_row
+                items.append({"part": part.name, "start": first - offset, "stop": last - offset})
+            index += 1
     return items
 
 
