@@ -194,3 +194,93 @@ def test_an_output_of_mixed_models_is_refused(two_runs, tmp_path):
     )
     with pytest.raises(BitrayError, match="mixes models or image sizes"):
         update_index(str(output), str(tmp_path / "index"))
+
+
+def test_ivf_index_of_the_same_output_finds_the_exact_neighbours(two_runs, tmp_path):
+    from bitray.search.index import IndexOptions, load_index, update_index
+    from bitray.search.query import search
+
+    report = update_index(str(two_runs["output"]), str(tmp_path / "ivf"), options=IndexOptions(exact_below=5))
+    assert (report.kind, report.count) == ("ivf", 13)
+    ivf, flat = load_index(str(tmp_path / "ivf")), load_index(str(two_runs["index"]))
+    assert ivf.meta.nlist == 7 and ivf.meta.nprobe == 16  # every cell scanned: exact
+    runs = dict(zip(ivf.rows.column("path").to_pylist(), ivf.rows.column("run_id").to_pylist(), strict=True))
+    assert runs[str(two_runs["changed"])] == "run-b"
+    for photo in two_runs["first"][:3]:
+        want = search(flat, path=str(photo), k=5)
+        got = search(ivf, path=str(photo), k=5)
+        assert got.column("path").to_pylist() == want.column("path").to_pylist()
+
+
+def test_cli_index_and_search_with_contact_sheet(two_runs, tmp_path, capsys):
+    from bitray.cli import main
+    from bitray.search.sheet import SheetLayout, thumbnail
+
+    index = tmp_path / "cli-index"
+    assert main(["index", "--embeddings", str(two_runs["output"]), "--index", str(index)]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 13
+
+    query = two_runs["first"][2]
+    sheet = tmp_path / "sheet.png"
+    assert (
+        main(
+            [
+                "search",
+                "--index",
+                str(index),
+                "--path",
+                str(query),
+                "-k",
+                "4",
+                "--sheet",
+                str(sheet),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4] and str(query) not in [r["path"] for r in rows]
+
+    image = Image.open(sheet)
+    layout = SheetLayout()
+    assert image.format == "PNG" and image.size == layout.size(5) == (6 + 5 * 166, 6 + 196)
+    pixels = np.asarray(image.convert("RGB"), np.int16)
+    expected = [str(query), *(r["path"] for r in rows)]
+    candidates = [str(p) for p in [*two_runs["first"], *two_runs["added"]]]
+    for i, path in enumerate(expected):
+        thumb = thumbnail(Path(path).read_bytes(), layout.thumb)
+        left, top, right, bottom = layout.image_box(i, thumb.size)
+        tile = pixels[top:bottom, left:right]
+        assert np.array_equal(tile, np.asarray(thumb, np.int16)), path
+        # the tile is this image and no other: compare with a plain Pillow resize of every candidate
+        errors = {
+            c: np.abs(tile - np.asarray(Image.open(c).convert("RGB").resize(thumb.size), np.int16)).mean()
+            for c in candidates
+        }
+        assert min(errors, key=errors.get) == path
+
+    assert main(["search", "--index", str(index), "--image", str(two_runs["changed"]), "-k", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].split()[2] == str(two_runs["changed"])
+    assert main(["search", "--index", str(tmp_path / "none"), "--path", "x"]) == 2
+    assert "no index at" in capsys.readouterr().err
+
+
+def test_embed_config_index_switch_updates_the_index(two_runs, tmp_path, capsys):
+    from bitray.cli import main
+    from bitray.search.index import load_index
+
+    photos = tmp_path / "photos"
+    write_photos(photos, 3, seed=5)
+    config = tmp_path / "embed.yaml"
+    index = tmp_path / "idx"
+    config.write_text(f"model: random:tiny\nimage_size: 32\nbatch_size: 4\nactors_max: 1\nindex: {index}\n")
+    out = tmp_path / "out"
+    argv = ["embed", "--config", str(config), "--input", str(photos), "--output", str(out), "--incremental"]
+    assert main(argv) == 0
+    assert load_index(str(index)).meta.count == 3
+    write_photos(photos, 2, seed=6)
+    assert main(argv) == 0
+    assert "5 vectors, 2 added" in capsys.readouterr().out
+    assert len(load_index(str(index)).meta.runs) == 2

@@ -92,6 +92,11 @@ def run_embed(args: argparse.Namespace) -> int:
     config = load_config(EmbedConfig, args.config, overrides)
     summary = run_embedding(config, address=args.address)
     print_summary(summary)
+    if config.index:
+        from bitray.search.index import update_index
+
+        report = update_index(summary.output, config.index, storage_config=config.storage)
+        print(f"bitray: index {report.index}: {report.count} vectors, {report.added} added", flush=True)
     return 0
 
 

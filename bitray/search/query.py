@@ -16,6 +16,7 @@ from bitray import storage
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
 from bitray.search.index import SearchIndex, load_index
+from bitray.search.sheet import SheetItem
 
 
 def search(
@@ -60,6 +61,16 @@ def neighbours_table(index: SearchIndex, similarities: np.ndarray, ids: np.ndarr
             **{name: rows.column(name) for name in rows.column_names if name != "path"},
         }
     )
+
+
+def sheet_items(query: str, results: pa.Table) -> list[SheetItem]:
+    """The tiles of a search's contact sheet: the query (framed), then each neighbour with its similarity."""
+    items = [SheetItem(query, "query", highlight=True)]
+    for path, similarity in zip(
+        results.column("path").to_pylist(), results.column("similarity").to_pylist(), strict=True
+    ):
+        items.append(SheetItem(path, f"{similarity:.3f}"))
+    return items
 
 
 def embed_image(uri: str, index: SearchIndex, storage_config: StorageConfig | None = None) -> np.ndarray:
