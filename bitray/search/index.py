@@ -361,21 +361,15 @@ class _Builder:
         raise BitrayError(f"{files[0]!r} holds no rows")
 
     def _empty(self, meta: IndexMeta, files: list[str], newest: dict[str, str], count: int):  # noqa: ANN202
-        import faiss
 
         if meta.kind == "flat":
-            return faiss.IndexIDMap2(faiss.IndexFlatIP(meta.dim))
-        nlist = max(1, int(2 * math.sqrt(count)))
-        quantizer = faiss.IndexFlatIP(meta.dim)
-        index = faiss.IndexIVFFlat(quantizer, meta.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by our ids
-        sample = self._training_sample(files, newest, count, min(count, TRAIN_PER_CELL * nlist))
-        log.info("training %d IVF cells on %d vectors", nlist, len(sample))
-        index.train(sample)
+            return exact_index(meta.dim)
+        nlist = ivf_cells(count)
+        sample = self._training_sample(files, newest, count, training_size(count))
         meta.nlist = nlist
-        meta.nprobe = self.options.nprobe or max(16, nlist // 16)
+        meta.nprobe = self.options.nprobe or default_nprobe(nlist)
         meta.trained_on = count
-        return index
+        return trained_ivf(sample, nlist)
 
     def _training_sample(self, files: list[str], newest: dict[str, str], count: int, size: int) -> np.ndarray:
         """``size`` live vectors drawn uniformly (seeded), collected in one streaming pass."""
@@ -422,6 +416,38 @@ class _Builder:
                 "vectors: embed each model into its own output"
             )
         self.model_id = models.pop()
+
+
+def exact_index(dim: int):  # noqa: ANN201 - a faiss index
+    """Exact inner-product search over vectors added with our own int64 ids."""
+    import faiss
+
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def ivf_cells(count: int) -> int:
+    """IVF cells for ``count`` vectors: 2 sqrt(n), about 900 for 200k."""
+    return max(1, int(2 * math.sqrt(count)))
+
+
+def training_size(count: int) -> int:
+    return min(count, TRAIN_PER_CELL * ivf_cells(count))
+
+
+def default_nprobe(nlist: int) -> int:
+    return max(16, nlist // 16)
+
+
+def trained_ivf(sample: np.ndarray, nlist: int):  # noqa: ANN201 - a faiss index
+    """An IVF-Flat inner-product index with ``nlist`` cells trained (k-means) on ``sample``; ids are ours."""
+    import faiss
+
+    dim = sample.shape[1]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by our ids
+    log.info("training %d IVF cells on %d vectors", nlist, len(sample))
+    index.train(sample)
+    return index
 
 
 def _rows_of(batch: pa.RecordBatch, ids: np.ndarray) -> pa.Table:
