@@ -133,6 +133,10 @@ def evaluate(
 ) -> Evaluation:
     """kNN and linear-probe top-1 (and few-shot, if asked) of ``embeddings`` on ``labels``."""
     options = options or EvalOptions()
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise BitrayError("bitray evaluate needs scikit-learn: pip install 'bitray[demo]'") from None
     data = load_labelled_vectors(embeddings, labels, storage_config)
     counts = np.bincount(data.labels, minlength=len(data.classes))
     if len(data.classes) < 2 or counts.min() < 2:
