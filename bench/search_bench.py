@@ -5,10 +5,11 @@
     python bench/search_bench.py --n 20000 --dim 256    # smoke run, seconds
 
 Data: synthetic clustered vectors, like embeddings of a photo collection: ``--clusters`` centres drawn
-N(0, I), each vector a centre plus N(0, sigma^2 I) noise (sigma 1: a vector's cosine to its own centre is
-about 0.7, to its cluster's other members about 0.5, to other clusters about 0), cluster sizes from a
-Zipf-like law; L2-normalised, as bitray stores them. Queries are fresh draws around the same centres
-(clusters picked uniformly), not in the index.
+N(0, I/dim), each vector a centre plus N(0, sigma^2 I/dim) noise (sigma 2, the default: a vector's cosine
+to its own centre is about 0.45, to its cluster's other members about 0.2, to other clusters about 0, so
+clusters overlap at the scale of the 10 nearest neighbours; with sigma 1 they are well separated and
+every nprobe finds them all), cluster sizes from a Zipf-like law; L2-normalised, as bitray stores them.
+Queries are fresh draws around the same centres (clusters picked uniformly), not in the index.
 
 Measured, in this order, on the same vectors:
 
@@ -40,11 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=200_000, help="vectors in the index")
     p.add_argument("--dim", type=int, default=2048, help="dimensions (BiT R*x1: 2048)")
     p.add_argument("--clusters", type=int, default=1000)
-    p.add_argument("--sigma", type=float, default=1.0, help="noise around each centre (per dimension)")
+    p.add_argument("--sigma", type=float, default=2.0, help="noise around each centre (1: well separated)")
     p.add_argument("--queries", type=int, default=1000, help="queries for recall")
     p.add_argument("--latency-queries", type=int, default=300, help="single queries timed for latency")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--nprobe", type=int, nargs="*", default=[8, 32], help="extra nprobe values to report")
+    p.add_argument("--nprobe", type=int, nargs="*", default=[8, 55, 256], help="more nprobe to report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     return p.parse_args(argv)

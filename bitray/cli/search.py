@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument("--index", metavar="URI", help="where the index lives (default OUT/_index)")
     index.add_argument("--exact-below", type=int, metavar="N", help="exact search below N vectors (20000)")
     index.add_argument(
-        "--nprobe", type=int, metavar="N", help="IVF cells a query scans (default nlist/16, >= 16)"
+        "--nprobe", type=int, metavar="N", help="IVF cells a query scans (default 15%%, >= 16)"
     )
     index.set_defaults(func=run_index)
 
