@@ -102,6 +102,19 @@ def test_labels_as_csv_with_missing_images_and_errors(digits_output, tmp_path):
         evaluate(str(digits_output["output"]), str(tmp_path / "other.csv"))
 
 
+def test_a_pair_is_scored_on_the_images_both_outputs_hold(digits_output, tmp_path):
+    from bitray.embed import run_embedding
+    from bitray.search.evaluate import evaluate, evaluate_pair
+
+    subset = sorted(Path(digits_output["labels"]).glob("*/*.png"))[::2]
+    smaller = tmp_path / "smaller"
+    run_embedding(tiny_config([str(p) for p in subset], str(smaller), run_id="half"))
+    new, base = evaluate_pair(str(smaller), str(digits_output["output"]), str(digits_output["labels"]))
+    assert (new.images, base.images, new.missing, base.missing) == (60, 60, 60, 60)
+    assert new.metrics == base.metrics  # the same model on the same images
+    assert evaluate(str(digits_output["output"]), str(digits_output["labels"])).images == 120
+
+
 def test_gate_of_an_output_against_itself_passes(digits_output, mlflow_tracking_uri, capsys):
     from mlflow import MlflowClient
 

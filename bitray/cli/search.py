@@ -132,11 +132,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """``bitray evaluate --embeddings ./tuned-emb --labels ./digits --baseline ./base-emb`` (exit 1: worse)"""
     import os
 
-    from bitray.search.evaluate import EvalOptions, evaluate, format_table, gate, log_to_mlflow
+    from bitray.search.evaluate import EvalOptions, evaluate, evaluate_pair, format_table, gate, log_to_mlflow
 
     options = EvalOptions(folds=args.folds, seed=args.seed, few_shot=args.few_shot)
-    new = evaluate(args.embeddings, args.labels, options)
-    baseline = evaluate(args.baseline, args.labels, options) if args.baseline else None
+    if args.baseline:
+        new, baseline = evaluate_pair(args.embeddings, args.baseline, args.labels, options)
+    else:
+        new, baseline = evaluate(args.embeddings, args.labels, options), None
     tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     run_id = log_to_mlflow(new, baseline, args.tolerance, args.labels, tracking)
     if args.json:

@@ -55,6 +55,18 @@ class LabelledVectors:
     missing: int
     """Labelled images without a row in the output."""
 
+    def restricted(self, paths: set[str]) -> LabelledVectors:
+        """Only the images in ``paths`` (the classes stay as they are)."""
+        keep = np.array([p in paths for p in self.paths], bool)
+        return LabelledVectors(
+            paths=[p for p, k in zip(self.paths, keep, strict=True) if k],
+            vectors=self.vectors[keep],
+            labels=self.labels[keep],
+            classes=self.classes,
+            model_id=self.model_id,
+            missing=self.missing + int((~keep).sum()),
+        )
+
 
 @dataclass
 class Evaluation:
@@ -132,12 +144,41 @@ def evaluate(
     storage_config: StorageConfig | None = None,
 ) -> Evaluation:
     """kNN and linear-probe top-1 (and few-shot, if asked) of ``embeddings`` on ``labels``."""
+    _need_sklearn()
+    return score(embeddings, labels, load_labelled_vectors(embeddings, labels, storage_config), options)
+
+
+def evaluate_pair(
+    embeddings: str,
+    baseline: str,
+    labels: str,
+    options: EvalOptions | None = None,
+    storage_config: StorageConfig | None = None,
+) -> tuple[Evaluation, Evaluation]:
+    """Both outputs scored on the labelled images they both hold, so the gate compares like with like."""
+    _need_sklearn()
+    new = load_labelled_vectors(embeddings, labels, storage_config)
+    base = load_labelled_vectors(baseline, labels, storage_config)
+    common = set(new.paths) & set(base.paths)
+    if len(common) < len(new.paths) or len(common) < len(base.paths):
+        log.warning(
+            "comparing on the %d labelled images both outputs hold (%d in %s, %d in %s)",
+            len(common),
+            len(new.paths),
+            embeddings,
+            len(base.paths),
+            baseline,
+        )
+    return (
+        score(embeddings, labels, new.restricted(common), options),
+        score(baseline, labels, base.restricted(common), options),
+    )
+
+
+def score(
+    embeddings: str, labels: str, data: LabelledVectors, options: EvalOptions | None = None
+) -> Evaluation:
     options = options or EvalOptions()
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        raise BitrayError("bitray evaluate needs scikit-learn: pip install 'bitray[demo]'") from None
-    data = load_labelled_vectors(embeddings, labels, storage_config)
     counts = np.bincount(data.labels, minlength=len(data.classes))
     if len(data.classes) < 2 or counts.min() < 2:
         small = data.classes[int(counts.argmin())]
@@ -160,6 +201,13 @@ def evaluate(
         folds=folds,
         metrics=metrics,
     )
+
+
+def _need_sklearn() -> None:
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise BitrayError("bitray evaluate needs scikit-learn: pip install 'bitray[demo]'") from None
 
 
 def cross_validated(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> dict[str, float]:

@@ -51,6 +51,8 @@ from bitray.errors import BitrayError
 from bitray.search import vectors
 
 log = logging.getLogger(__name__)
+# faiss's loader logs each CPU-specific module it does not find at INFO; the wheel dispatches at run time
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 FORMAT_VERSION = 1
 META_FILE = "index.json"
