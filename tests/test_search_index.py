@@ -284,3 +284,32 @@ def test_embed_config_index_switch_updates_the_index(two_runs, tmp_path, capsys)
     assert main(argv) == 0
     assert "5 vectors, 2 added" in capsys.readouterr().out
     assert len(load_index(str(index)).meta.runs) == 2
+
+
+def test_ivf_index_updated_incrementally_replaces_a_changed_object(tmp_path, ray_local):
+    from bitray.embed import run_embedding
+    from bitray.search.index import IndexOptions, load_index, update_index
+    from bitray.search.query import search
+
+    photos, output, index = tmp_path / "photos", tmp_path / "out", str(tmp_path / "index")
+    first = write_photos(photos, 6, seed=3)
+    run_embedding(tiny_config([str(photos)], str(output), incremental=True, run_id="one"))
+    options = IndexOptions(exact_below=3)
+    assert update_index(str(output), index, options=options).kind == "ivf"
+    first[0].write_bytes(first[5].read_bytes())  # now the same picture as another one
+    write_photos(photos, 2, seed=4)
+    run_embedding(tiny_config([str(photos)], str(output), incremental=True, run_id="two"))
+    report = update_index(str(output), index, options=options)
+    assert (report.kind, report.rebuilt, report.count, report.added, report.replaced) == (
+        "ivf",
+        False,
+        8,
+        3,
+        1,
+    )
+    loaded = load_index(index)
+    assert loaded.meta.runs == ["one", "two"] and loaded.meta.trained_on == 6
+    result = search(loaded, path=str(first[5]), k=1)
+    assert result.column("path")[0].as_py() == str(first[0])
+    assert result.column("similarity")[0].as_py() == pytest.approx(1.0, abs=1e-5)
+    assert result.column("run_id")[0].as_py() == "two"
