@@ -150,7 +150,8 @@ def test_gate_of_an_output_against_itself_passes(digits_output, mlflow_tracking_
 def test_closed_loop_fine_tuned_embeddings_pass_the_gate_and_the_base_fails(
     tmp_path, ray_local, mlflow_tracking_uri, capsys
 ):
-    """Fine-tune random:tiny on half the digits, embed the other half with base and tuned, gate both ways."""
+    """Fine-tune random:tiny on half the digits, embed 50 per class of the other half with base and tuned
+    models, gate both ways."""
     from mlflow import MlflowClient
 
     from bitray.cli import main
@@ -159,7 +160,7 @@ def test_closed_loop_fine_tuned_embeddings_pass_the_gate_and_the_base_fails(
     from bitray.finetune import run_finetune
 
     train = write_digit_split(tmp_path / "train", 0)
-    held_out = write_digit_split(tmp_path / "held-out", 1)
+    held_out = write_digit_split(tmp_path / "held-out", 1, per_class=50)
     result = run_finetune(
         FinetuneConfig(
             data=str(train),
