@@ -27,7 +27,8 @@ past 4x the vectors its cells were trained on.
     rows-<generation>.parquet   id, path, etag, size, mtime, run_id, width, height of every vector
 
 Each update writes a new generation and then ``index.json``; readers only follow ``index.json``, so they
-never see a half-written index. Two updates of one index at once: the last to write ``index.json`` wins.
+never see a half-written index. Two updates of one index at once: the last to write ``index.json`` wins
+(and the other's files stay behind as orphans).
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ def update_index(
         added, replaced = len(built), 0
     else:
         built, added, replaced = builder.extend(existing, runs, new_runs)
-    builder.store(built)
+    builder.store(built, existing.meta.generation if existing else None)
     report = UpdateReport(
         index=index_uri,
         kind=built.meta.kind,
@@ -336,8 +337,12 @@ class _Builder:
         rows = pa.concat_tables([kept, added_rows])
         return SearchIndex(self.index_uri, meta, existing.index, rows), added_rows.num_rows, len(stale)
 
-    def store(self, built: SearchIndex) -> None:
-        """Write a new generation, then ``index.json`` (the commit point), then drop older generations."""
+    def store(self, built: SearchIndex, previous: str | None) -> None:
+        """Write a new generation, then ``index.json`` (the commit point), then drop the ``previous`` one.
+
+        Only the generation this update started from is deleted: files of a concurrent update are left
+        alone (at worst an orphan remains), so a reader never loses the files its ``index.json`` names
+        to anything but a later update."""
         import faiss
 
         meta = built.meta
@@ -353,9 +358,9 @@ class _Builder:
         rows_uri = _rows_uri(self.index_uri, meta.generation)
         storage.write_bytes(rows_uri, buffer.getvalue().to_pybytes(), self.storage)
         storage.write_bytes(storage.join(self.index_uri, META_FILE), meta.to_json(), self.storage)
-        for name in storage.list_names(self.index_uri, self.storage):
-            if name.startswith(("vectors-", "rows-")) and meta.generation not in name:
-                storage.delete(storage.join(self.index_uri, name), self.storage)
+        if previous and previous != meta.generation:
+            storage.delete(storage.join(self.index_uri, f"vectors-{previous}.faiss"), self.storage)
+            storage.delete(_rows_uri(self.index_uri, previous), self.storage)
 
     # -- internals ---------------------------------------------------------------------------------------
 
