@@ -102,6 +102,9 @@ class EmbedConfig(Section):
     """Embed only object versions not yet recorded under ``output`` (new or changed objects)."""
     lock_ttl_s: float = Field(120.0, gt=0)
     """The output lock expires this long after its last heartbeat (a crashed run's lock is taken over)."""
+    index: str | None = None
+    """After the run, add the output's newly finished runs to the nearest-neighbour index at this URI (as
+    ``bitray index --embeddings OUTPUT --index URI`` does; built on first use); ``null``: no index."""
     storage: StorageConfig = StorageConfig()
 
     @field_validator("image_size")

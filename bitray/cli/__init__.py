@@ -20,6 +20,7 @@ COMMANDS = (
     "bitray.cli.finetune",
     "bitray.cli.data",
     "bitray.cli.jobs",
+    "bitray.cli.search",
 )
 
 

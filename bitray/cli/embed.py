@@ -111,6 +111,11 @@ def run_embed(args: argparse.Namespace) -> int:
         return 0
     summary = run_embedding(config, address=args.address)
     print_summary(summary)
+    if config.index:
+        from bitray.search.index import update_index
+
+        report = update_index(summary.output, config.index, storage_config=config.storage)
+        print(f"bitray: index {report.index}: {report.count} vectors, {report.added} added", flush=True)
     return 0
 
 

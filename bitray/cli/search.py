@@ -1,0 +1,154 @@
+"""``bitray index | search | duplicates | evaluate``: use an embedding output (see ``bitray.search``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    index = subparsers.add_parser(
+        "index",
+        help="build or update the nearest-neighbour index of an embedding output",
+        description="Index the finished runs of an embedding output (exact below --exact-below vectors, "
+        "IVF from there); run it again to add only the runs finished since.",
+    )
+    index.add_argument(
+        "--embeddings", required=True, metavar="OUT", help="embedding output (bitray embed --output)"
+    )
+    index.add_argument("--index", metavar="URI", help="where the index lives (default OUT/_index)")
+    index.add_argument("--exact-below", type=int, metavar="N", help="exact search below N vectors (20000)")
+    index.add_argument(
+        "--nprobe", type=int, metavar="N", help="IVF cells a query scans (default 15%%, >= 16)"
+    )
+    index.set_defaults(func=run_index)
+
+    search = subparsers.add_parser(
+        "search",
+        help="nearest neighbours of an image, or of a path in the index",
+        description="Print the k nearest neighbours (path, cosine similarity) of an image embedded with the "
+        "index's model, or of an image the index holds.",
+    )
+    search.add_argument("--index", required=True, metavar="URI")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", metavar="FILE_OR_URI", help="an image to embed and look up")
+    query.add_argument("--path", metavar="PATH", help="an object URI as the embedding output records it")
+    search.add_argument("-k", type=int, default=10, metavar="K", help="neighbours to return (10)")
+    search.add_argument("--nprobe", type=int, metavar="N", help="IVF cells to scan (default: the index's)")
+    search.add_argument("--sheet", metavar="OUT.png", help="also write a contact sheet of query and results")
+    search.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    search.set_defaults(func=run_search)
+
+    duplicates = subparsers.add_parser(
+        "duplicates",
+        help="groups of near-identical images of an index, exact copies flagged",
+        description="Write every group of images whose cosine similarity reaches --threshold to Parquet.",
+    )
+    duplicates.add_argument("--index", required=True, metavar="URI")
+    duplicates.add_argument("--threshold", type=float, default=0.95, metavar="COS", help="(0.95)")
+    duplicates.add_argument("--output", required=True, metavar="OUT.parquet")
+    duplicates.add_argument("--sheet", metavar="OUT.png", help="contact sheet of the largest groups")
+    duplicates.set_defaults(func=run_duplicates)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="kNN and linear-probe top-1 of an embedding output; gate it against a baseline output",
+        description="Score the embeddings on labelled images; with --baseline, exit 1 when any metric is "
+        "worse than the baseline's by more than --tolerance.",
+    )
+    evaluate.add_argument("--embeddings", required=True, metavar="OUT")
+    evaluate.add_argument(
+        "--labels", required=True, metavar="LABELS", help="path,label CSV/Parquet or class folders"
+    )
+    evaluate.add_argument("--baseline", metavar="OUT2", help="embedding output of the model to beat")
+    evaluate.add_argument("--tolerance", type=float, default=0.01, help="allowed drop per metric (0.01)")
+    evaluate.add_argument("--few-shot", type=int, metavar="K", help="also K-shot linear probe and 1-NN")
+    evaluate.add_argument("--folds", type=int, default=5, help="stratified cross-validation folds (5)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument(
+        "--tracking-uri", metavar="URI", help="MLflow (default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the evaluation(s) as JSON")
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """``bitray index --embeddings s3://bucket/emb --index s3://bucket/emb-index``"""
+    from bitray.search.index import IndexOptions, update_index
+
+    defaults = IndexOptions()
+    options = IndexOptions(exact_below=args.exact_below or defaults.exact_below, nprobe=args.nprobe)
+    report = update_index(args.embeddings, args.index, options=options)
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """``bitray search --index ./out/_index --image cat.jpg -k 5 --sheet cat.png``"""
+    from bitray.search.index import load_index
+    from bitray.search.query import search, sheet_items
+    from bitray.search.sheet import contact_sheet, write_png
+
+    index = load_index(args.index)
+    results = search(index, image=args.image, path=args.path, k=args.k, nprobe=args.nprobe)
+    if args.json:
+        for row in results.select(["rank", "path", "similarity"]).to_pylist():
+            print(json.dumps(row))
+    else:
+        for rank, path, similarity in zip(
+            *(results.column(c).to_pylist() for c in ("rank", "path", "similarity")), strict=True
+        ):
+            print(f"{rank:>3}  {similarity:.4f}  {path}")
+    if args.sheet:
+        write_png(contact_sheet(sheet_items(args.image or args.path, results)), args.sheet)
+        print(f"bitray: contact sheet in {args.sheet}", file=sys.stderr)
+    return 0
+
+
+def run_duplicates(args: argparse.Namespace) -> int:
+    """``bitray duplicates --index ./out/_index --threshold 0.95 --output dups.parquet --sheet dups.png``"""
+    from bitray.search import duplicates
+    from bitray.search.index import load_index
+    from bitray.search.sheet import contact_sheet, write_png
+
+    table = duplicates.find_duplicates(load_index(args.index), duplicates.DuplicateOptions(args.threshold))
+    duplicates.write_duplicates(table, args.output)
+    groups = len(set(table.column("group").to_pylist()))
+    exact = sum(
+        e and not r
+        for e, r in zip(
+            table.column("exact").to_pylist(), table.column("representative").to_pylist(), strict=True
+        )
+    )
+    print(f"bitray: {groups} group(s), {table.num_rows} image(s), {exact} exact copies -> {args.output}")
+    if args.sheet and table.num_rows:
+        write_png(contact_sheet(duplicates.sheet_items(table)), args.sheet)
+        print(f"bitray: contact sheet in {args.sheet}", file=sys.stderr)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``bitray evaluate --embeddings ./tuned-emb --labels ./digits --baseline ./base-emb`` (exit 1: worse)"""
+    import os
+
+    from bitray.search.evaluate import EvalOptions, evaluate, evaluate_pair, format_table, gate, log_to_mlflow
+
+    options = EvalOptions(folds=args.folds, seed=args.seed, few_shot=args.few_shot)
+    if args.baseline:
+        new, baseline = evaluate_pair(args.embeddings, args.baseline, args.labels, options)
+    else:
+        new, baseline = evaluate(args.embeddings, args.labels, options), None
+    tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    run_id = log_to_mlflow(new, baseline, args.tolerance, args.labels, tracking)
+    if args.json:
+        print(
+            json.dumps({"new": new.to_dict(), "baseline": baseline.to_dict() if baseline else None}, indent=2)
+        )
+    else:
+        print(format_table(new, baseline, args.tolerance))
+    if run_id:
+        print(f"bitray: logged to MLflow run {run_id} at {tracking}", file=sys.stderr)
+    if baseline is not None and not gate(new, baseline, args.tolerance)[0]:
+        return 1
+    return 0

@@ -1,0 +1,477 @@
+"""A nearest-neighbour index over an embedding output: build, update incrementally, store, load.
+
+**Library: faiss** (faiss-cpu). It is the reference implementation of both exact and IVF search, is kept up
+by Meta with wheels for every platform, serialises an index to one byte string (so any ``bitray.storage``
+URI can hold it), and supports removing vectors by id, which the replacement of a changed object needs.
+usearch is HNSW only (no exact mode, removals leave tombstones); Lance would bring a second storage format
+beside our Parquet.
+
+**Index type.** Below ``exact_below`` vectors (20,000 by default) an exact ``IndexFlatIP`` (in an
+``IndexIDMap2``, for our own ids): a query scans every vector, which takes a few milliseconds there, and is
+never wrong. From there, ``IndexIVFFlat``: k-means cells (``nlist = 2 sqrt(n)``), a query scans the
+``nprobe`` nearest cells with exact inner products, so recall is set by ``nprobe`` alone and vectors keep
+full precision (no PQ error to refine away). It supports ``remove_ids`` and adding without retraining.
+HNSW was rejected: it cannot remove vectors, and its build on 2,048-d vectors is far slower than IVF's.
+IVF-Flat keeps every vector in memory (8 KiB each at 2,048-d: 1.6 GB for 200k); at tens of millions,
+IVF-PQ with a refine stage would be the next step. Vectors are L2-normalised, so inner product is cosine.
+
+**Incremental.** The index records the finished runs it covers. ``update_index`` adds the rows of newer
+finished runs only; a path they embed again (the object changed) has its old vector removed first. The
+index is rebuilt from the Parquet instead when it would cross ``exact_below`` (flat -> IVF) or has grown
+past 4x the vectors its cells were trained on.
+
+**Storage** under the index URI (default ``OUT/_index``, hidden from Parquet dataset readers of ``OUT``)::
+
+    index.json                  what the index holds (``IndexMeta``): written last, the commit point
+    vectors-<generation>.faiss  the faiss index
+    rows-<generation>.parquet   id, path, etag, size, mtime, run_id, width, height of every vector
+
+Each update writes a new generation and then ``index.json``; readers only follow ``index.json``, so they
+never see a half-written index. Two updates of one index at once: the last to write ``index.json`` wins
+(and the other's files stay behind as orphans).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bitray import outputs, storage
+from bitray.config import StorageConfig
+from bitray.errors import BitrayError
+from bitray.search import vectors
+
+log = logging.getLogger(__name__)
+# faiss's loader logs each CPU-specific module it does not find at INFO; the wheel dispatches at run time
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+FORMAT_VERSION = 1
+META_FILE = "index.json"
+EXACT_BELOW = 20_000
+RETRAIN_GROWTH = 4
+TRAIN_PER_CELL = 40
+"""Training vectors per IVF cell (faiss warns below 39)."""
+ROWS_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("path", pa.string()),
+        ("etag", pa.string()),
+        ("size", pa.int64()),
+        ("mtime", pa.timestamp("ns", tz="UTC")),
+        ("run_id", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
+
+@dataclass
+class IndexMeta:
+    """``index.json``: which output, model and runs an index covers, and how it is built."""
+
+    embeddings: str
+    model_id: str
+    model_spec: str
+    image_size: tuple[int, int]
+    dim: int
+    kind: str  # "flat" (exact) or "ivf" (IVF-Flat)
+    runs: list[str]
+    count: int
+    next_id: int
+    generation: str
+    nlist: int | None = None
+    nprobe: int | None = None
+    trained_on: int | None = None
+    updated: str = ""
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, uri: str) -> IndexMeta:
+        raw = json.loads(data)
+        if raw.get("version") != FORMAT_VERSION:
+            raise BitrayError(f"index {uri!r} has format {raw.get('version')}; rebuild it with bitray index")
+        raw["image_size"] = tuple(raw["image_size"])
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How ``update_index`` builds: exact below ``exact_below`` vectors, IVF-Flat from there."""
+
+    exact_below: int = EXACT_BELOW
+    nprobe: int | None = None
+    """IVF cells scanned per query; default 15% of them, at least 16."""
+    seed: int = 0
+
+
+@dataclass
+class UpdateReport:
+    """What one ``update_index`` call did."""
+
+    index: str
+    kind: str
+    count: int
+    added: int
+    replaced: int
+    new_runs: list[str] = field(default_factory=list)
+    rebuilt: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_index_uri(embeddings: str) -> str:
+    return storage.join(embeddings, "_index")
+
+
+class SearchIndex:
+    """A loaded index: the faiss index, its rows (id -> path and object version) and its meta."""
+
+    def __init__(self, uri: str, meta: IndexMeta, index, rows: pa.Table) -> None:  # noqa: ANN001 - faiss
+        self.uri = uri
+        self.meta = meta
+        self.index = index
+        self.rows = rows
+        ids = rows.column("id").to_numpy()
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[self._order]
+        self._by_path: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return self.rows.num_rows
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Row positions in ``rows`` of faiss ids (all must be present)."""
+        return self._order[np.searchsorted(self._sorted_ids, ids)]
+
+    def id_of(self, path: str) -> int | None:
+        if self._by_path is None:
+            self._by_path = {p: i for i, p in enumerate(self.rows.column("path").to_pylist())}
+        position = self._by_path.get(path)
+        return None if position is None else int(self.rows.column("id")[position].as_py())
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """The stored (unit-length) vectors of faiss ids."""
+        return self.index.reconstruct_batch(np.asarray(ids, np.int64))
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(similarities [q, k], ids [q, k])`` of the nearest stored vectors; id -1 where fewer exist."""
+        queries = vectors.normalise(queries)
+        if queries.shape[1] != self.meta.dim:
+            raise BitrayError(
+                f"query vectors have {queries.shape[1]} dimensions, index {self.uri!r} has {self.meta.dim}"
+            )
+        if self.meta.kind == "ivf":
+            self.index.nprobe = int(nprobe or self.meta.nprobe or 16)
+        return self.index.search(queries, int(k))
+
+
+def load_index(uri: str, storage_config: StorageConfig | None = None) -> SearchIndex:
+    """Read an index written by ``update_index``; ``BitrayError`` when there is none at ``uri``."""
+    import faiss
+
+    meta_uri = storage.join(uri, META_FILE)
+    if not storage.exists(meta_uri, storage_config):
+        raise BitrayError(
+            f"no index at {uri!r} ({META_FILE} is missing); build one with "
+            "bitray index --embeddings OUT --index URI"
+        )
+    meta = IndexMeta.from_json(storage.read_bytes(meta_uri, storage_config), uri)
+    data = storage.read_bytes(storage.join(uri, f"vectors-{meta.generation}.faiss"), storage_config)
+    index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(_rows_uri(uri, meta.generation), storage_config)))
+    return SearchIndex(uri, meta, index, rows)
+
+
+def update_index(
+    embeddings: str,
+    index_uri: str | None = None,
+    *,
+    storage_config: StorageConfig | None = None,
+    options: IndexOptions | None = None,
+) -> UpdateReport:
+    """Build the index of ``embeddings`` at ``index_uri``, or add to it the runs finished since the last call.
+
+    Raises ``BitrayError`` when the output has no finished run, when its runs used different models or
+    image sizes, or when the index was built from another output or model.
+    """
+    started = time.monotonic()
+    options = options or IndexOptions()
+    embeddings = _absolute(embeddings)
+    index_uri = _absolute(index_uri or default_index_uri(embeddings))
+    runs = outputs.finished_runs(embeddings, storage_config)
+    if not runs:
+        raise BitrayError(
+            f"{embeddings!r} holds no finished embedding run; run bitray embed --output {embeddings} first"
+        )
+    existing = None
+    if storage.exists(storage.join(index_uri, META_FILE), storage_config):
+        existing = load_index(index_uri, storage_config)
+        if existing.meta.embeddings != embeddings:
+            raise BitrayError(
+                f"index {index_uri!r} was built from {existing.meta.embeddings!r}, not {embeddings!r}; "
+                "give each embedding output its own --index"
+            )
+    covered = set(existing.meta.runs) if existing else set()
+    new_runs = [run for run in runs if run not in covered]
+    spec, size = _common_model(embeddings, new_runs, existing, storage_config)
+    if existing and not new_runs:
+        return UpdateReport(index_uri, existing.meta.kind, len(existing), 0, 0, [], False, 0.0)
+    new_files = outputs.committed_files(embeddings, "embeddings", storage_config, new_runs)
+    grown = (len(existing) if existing else 0) + vectors.count_rows(new_files, storage_config)
+    rebuild = existing is None or _needs_rebuild(existing.meta, grown, options)
+    builder = _Builder(embeddings, index_uri, storage_config, options)
+    if rebuild:
+        built = builder.build(runs, spec, size)
+        added, replaced = len(built), 0
+    else:
+        built, added, replaced = builder.extend(existing, runs, new_runs)
+    builder.store(built, existing.meta.generation if existing else None)
+    report = UpdateReport(
+        index=index_uri,
+        kind=built.meta.kind,
+        count=len(built),
+        added=added,
+        replaced=replaced,
+        new_runs=new_runs,
+        rebuilt=rebuild,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    log.info("index %s: %s", index_uri, report)
+    return report
+
+
+def _needs_rebuild(meta: IndexMeta, grown: int, options: IndexOptions) -> bool:
+    if meta.kind == "flat":
+        return grown >= options.exact_below
+    return grown > RETRAIN_GROWTH * (meta.trained_on or 0)
+
+
+def _common_model(
+    embeddings: str, runs: list[str], existing: SearchIndex | None, storage_config: StorageConfig | None
+) -> tuple[str, tuple[int, int]]:
+    """The one (model spec, image size) of ``runs`` and of the index; a clear error if they differ."""
+    seen: dict[tuple[str, tuple[int, int]], list[str]] = {}
+    if existing is not None:
+        seen[(existing.meta.model_spec, existing.meta.image_size)] = [f"index {existing.uri}"]
+    for run in runs:
+        seen.setdefault(outputs.run_model(embeddings, run, storage_config), []).append(f"run {run}")
+    if len(seen) > 1:
+        found = "; ".join(f"{spec} at {h}x{w} ({', '.join(who[:3])})" for (spec, (h, w)), who in seen.items())
+        raise BitrayError(
+            f"{embeddings!r} mixes models or image sizes: {found}. An index holds one model's vectors: "
+            "embed each model into its own output, or give the new runs their own --index"
+        )
+    ((spec, size),) = seen
+    return spec, size
+
+
+class _Builder:
+    """Reads the output's live rows into a faiss index; one instance per ``update_index`` call."""
+
+    def __init__(
+        self, embeddings: str, index_uri: str, storage_config: StorageConfig | None, options: IndexOptions
+    ) -> None:
+        self.embeddings = embeddings
+        self.index_uri = index_uri
+        self.storage = storage_config
+        self.options = options
+        self.model_id: str | None = None
+
+    def build(self, runs: list[str], spec: str, size: tuple[int, int]) -> SearchIndex:
+        files = outputs.committed_files(self.embeddings, "embeddings", self.storage, runs)
+        newest = vectors.newest_versions(files, runs, self.storage)
+        count = len(newest)
+        if count == 0:
+            raise BitrayError(f"{self.embeddings!r} holds no embedded image yet; nothing to index")
+        dim = self._dim(files)
+        meta = IndexMeta(
+            embeddings=self.embeddings,
+            model_id="",
+            model_spec=spec,
+            image_size=size,
+            dim=dim,
+            kind="flat" if count < self.options.exact_below else "ivf",
+            runs=list(runs),
+            count=0,
+            next_id=0,
+            generation="",
+        )
+        index = self._empty(meta, files, newest, count)
+        rows = self._add(index, meta, files, newest)
+        meta.model_id = self.model_id or ""
+        return SearchIndex(self.index_uri, meta, index, rows)
+
+    def extend(
+        self, existing: SearchIndex, runs: list[str], new_runs: list[str]
+    ) -> tuple[SearchIndex, int, int]:
+        """Add the live rows of ``new_runs``, removing the older vectors of paths they embed again."""
+        self.model_id = existing.meta.model_id
+        files = outputs.committed_files(self.embeddings, "embeddings", self.storage, new_runs)
+        newest = vectors.newest_versions(files, new_runs, self.storage)
+        old_paths = existing.rows.column("path")
+        superseded = pc.is_in(old_paths, value_set=pa.array(list(newest), pa.string()))
+        stale = existing.rows.filter(superseded).column("id").to_numpy()
+        if len(stale):
+            existing.index.remove_ids(np.asarray(stale, np.int64))
+        meta = existing.meta
+        meta.runs = list(runs)
+        if meta.kind == "ivf" and self.options.nprobe:
+            meta.nprobe = self.options.nprobe
+        added_rows = self._add(existing.index, meta, files, newest)
+        kept = existing.rows.filter(pc.invert(superseded))
+        rows = pa.concat_tables([kept, added_rows])
+        return SearchIndex(self.index_uri, meta, existing.index, rows), added_rows.num_rows, len(stale)
+
+    def store(self, built: SearchIndex, previous: str | None) -> None:
+        """Write a new generation, then ``index.json`` (the commit point), then drop the ``previous`` one.
+
+        Only the generation this update started from is deleted: files of a concurrent update are left
+        alone (at worst an orphan remains), so a reader never loses the files its ``index.json`` names
+        to anything but a later update."""
+        import faiss
+
+        meta = built.meta
+        meta.generation = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+        meta.count = len(built)
+        meta.updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        data = faiss.serialize_index(built.index)
+        storage.write_bytes(
+            storage.join(self.index_uri, f"vectors-{meta.generation}.faiss"), data.tobytes(), self.storage
+        )
+        buffer = pa.BufferOutputStream()
+        pq.write_table(built.rows, buffer)
+        rows_uri = _rows_uri(self.index_uri, meta.generation)
+        storage.write_bytes(rows_uri, buffer.getvalue().to_pybytes(), self.storage)
+        storage.write_bytes(storage.join(self.index_uri, META_FILE), meta.to_json(), self.storage)
+        if previous and previous != meta.generation:
+            storage.delete(storage.join(self.index_uri, f"vectors-{previous}.faiss"), self.storage)
+            storage.delete(_rows_uri(self.index_uri, previous), self.storage)
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _dim(self, files: list[str]) -> int:
+        for batch in vectors.read_batches(files[:1], ("embedding",), self.storage, batch_rows=1):
+            return batch.column(0).type.list_size
+        raise BitrayError(f"{files[0]!r} holds no rows")
+
+    def _empty(self, meta: IndexMeta, files: list[str], newest: dict[str, str], count: int):  # noqa: ANN202
+
+        if meta.kind == "flat":
+            return exact_index(meta.dim)
+        nlist = ivf_cells(count)
+        sample = self._training_sample(files, newest, count, training_size(count))
+        meta.nlist = nlist
+        meta.nprobe = self.options.nprobe or default_nprobe(nlist)
+        meta.trained_on = count
+        return trained_ivf(sample, nlist)
+
+    def _training_sample(self, files: list[str], newest: dict[str, str], count: int, size: int) -> np.ndarray:
+        """``size`` live vectors drawn uniformly (seeded), collected in one streaming pass."""
+        rng = np.random.default_rng(self.options.seed)
+        chosen = np.sort(rng.choice(count, size=size, replace=False))
+        parts, seen = [], 0
+        for batch in vectors.read_batches(files, ("path", "run_id", "embedding"), self.storage):
+            live = batch.filter(pa.array(vectors.live_mask(batch, newest)))
+            lo, hi = np.searchsorted(chosen, [seen, seen + live.num_rows])
+            if hi > lo:
+                take = pa.array(chosen[lo:hi] - seen)
+                parts.append(vectors.to_vectors(live.column("embedding").take(take)))
+            seen += live.num_rows
+        return np.concatenate(parts)
+
+    def _add(self, index, meta: IndexMeta, files: list[str], newest: dict[str, str]) -> pa.Table:  # noqa: ANN001
+        """Stream the live rows of ``files`` into ``index`` with ids from ``meta.next_id``; their rows."""
+        columns = (*vectors.ROW_COLUMNS, "embedding")
+        tables = []
+        for batch in vectors.read_batches(files, columns, self.storage):
+            live = batch.filter(pa.array(vectors.live_mask(batch, newest)))
+            if live.num_rows == 0:
+                continue
+            self._check_model(live, files)
+            vecs = vectors.to_vectors(live.column("embedding"))
+            if vecs.shape[1] != meta.dim:
+                raise BitrayError(
+                    f"{self.embeddings!r} holds {vecs.shape[1]}-d vectors beside {meta.dim}-d ones; "
+                    "an index holds one model's vectors"
+                )
+            ids = np.arange(meta.next_id, meta.next_id + live.num_rows, dtype=np.int64)
+            index.add_with_ids(vecs, ids)
+            meta.next_id += live.num_rows
+            tables.append(_rows_of(live, ids))
+        return pa.concat_tables(tables) if tables else ROWS_SCHEMA.empty_table()
+
+    def _check_model(self, batch: pa.RecordBatch, files: list[str]) -> None:
+        models = set(batch.column("model").unique().to_pylist())
+        if self.model_id is not None:
+            models.add(self.model_id)
+        if len(models) > 1:
+            raise BitrayError(
+                f"{self.embeddings!r} holds vectors of models {sorted(models)}; an index holds one model's "
+                "vectors: embed each model into its own output"
+            )
+        self.model_id = models.pop()
+
+
+def exact_index(dim: int):  # noqa: ANN201 - a faiss index
+    """Exact inner-product search over vectors added with our own int64 ids."""
+    import faiss
+
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def ivf_cells(count: int) -> int:
+    """IVF cells for ``count`` vectors: 2 sqrt(n), about 900 for 200k."""
+    return max(1, int(2 * math.sqrt(count)))
+
+
+def training_size(count: int) -> int:
+    return min(count, TRAIN_PER_CELL * ivf_cells(count))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Cells a query scans: 15% of them (at least 16), where recall@10 reached 0.95 on the benchmark's
+    overlapping clusters (``bench/search_bench.py``: 0.94 at 6%, 0.97 at 29%)."""
+    return max(16, round(0.15 * nlist))
+
+
+def trained_ivf(sample: np.ndarray, nlist: int):  # noqa: ANN201 - a faiss index
+    """An IVF-Flat inner-product index with ``nlist`` cells trained (k-means) on ``sample``; ids are ours."""
+    import faiss
+
+    dim = sample.shape[1]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by our ids
+    log.info("training %d IVF cells on %d vectors", nlist, len(sample))
+    index.train(sample)
+    return index
+
+
+def _rows_of(batch: pa.RecordBatch, ids: np.ndarray) -> pa.Table:
+    columns = {"id": pa.array(ids, pa.int64())}
+    for name in ROWS_SCHEMA.names[1:]:
+        columns[name] = batch.column(name).cast(ROWS_SCHEMA.field(name).type)
+    return pa.table(columns, schema=ROWS_SCHEMA)
+
+
+def _rows_uri(index_uri: str, generation: str) -> str:
+    return storage.join(index_uri, f"rows-{generation}.parquet")
+
+
+def _absolute(uri: str) -> str:
+    uri = uri.rstrip("/")
+    return uri if storage.is_remote(uri) else str(storage.local_path(uri))
