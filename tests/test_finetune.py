@@ -38,6 +38,7 @@ def digits_dir(tmp_path_factory) -> Path:
 
 def test_finetune_digits_from_s3_two_workers(s3_server, s3_bucket, ray_local, mlflow_tracking_uri, tmp_path):
     import mlflow
+    import tensorflow as tf
     from mlflow import MlflowClient
 
     from bitray.finetune import run_finetune
@@ -94,7 +95,14 @@ def test_finetune_digits_from_s3_two_workers(s3_server, s3_bucket, ray_local, ml
     assert exported.feature_dim == registered.feature_dim
     np.testing.assert_allclose(exported.model(images).numpy(), registered.model(images).numpy(), atol=1e-5)
     classifier = mlflow.pyfunc.load_model("models:/digits-tiny@champion")
-    assert classifier.predict(images).shape == (4, 10)
+    predicted = classifier.predict(images)
+    assert len(predicted) == 4 and set(predicted["label"]) <= set("0123456789")
+    assert [len(k) for k in predicted["top_k_labels"]] == [5] * 4
+    assert classifier.metadata.signature is not None
+    loaded = load_model("models:/digits-tiny@champion", classifier=True)
+    assert loaded.class_names == [str(d) for d in range(10)]
+    probabilities = tf.nn.softmax(loaded.model(images)).numpy()
+    np.testing.assert_allclose(predicted["score"], probabilities.max(axis=1), atol=1e-5)
 
 
 def _digit_image(index: int) -> np.ndarray:
@@ -187,7 +195,7 @@ def test_two_workers_and_accumulation_match_one_worker(ray_local, tmp_path):
         import tensorflow as tf
         import tf_keras
 
-        from bitray.finetune import _make_train_step
+        from bitray.finetune.loop import make_train_step
         from bitray.model import load_model
 
         ctx = ray.train.get_context()
@@ -203,7 +211,7 @@ def test_two_workers_and_accumulation_match_one_worker(ray_local, tmp_path):
                 model = load_model("random:tiny", num_classes=10, trainable=True).model
                 optimizer = tf_keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
                 optimizer.build(model.trainable_variables)
-            step = _make_train_step(strategy, model, optimizer, batch, accumulation)
+            step = make_train_step(strategy, model, optimizer, batch, accumulation)
             for s in range(3):
                 # this worker's share of the global batch
                 local_x, local_y = x[s][rank::world], y[s][rank::world]
