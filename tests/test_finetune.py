@@ -245,3 +245,46 @@ def _fresh_tiny():  # noqa: ANN202 - tf_keras.Model
     from bitray.model import load_model
 
     return load_model("random:tiny", num_classes=10).model
+
+
+def test_one_and_five_shot_train_at_the_hyperrule_batch(digits_dir, ray_local, mlflow_tracking_uri, tmp_path):
+    """10 and 50 training images with batch 512 (the HyperRule's): the set is repeated to fill batches."""
+    from mlflow import MlflowClient
+
+    from bitray.finetune import run_finetune
+
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri)
+    for shots in (1, 5):
+        config = FinetuneConfig(
+            data=str(digits_dir),
+            examples_per_class=shots,
+            output=str(tmp_path / f"model-{shots}"),
+            boundaries=[1, 2, 3],
+            name=f"digits-{shots}-shot",
+            storage_path=str(tmp_path / "runs"),
+            tracking_uri=mlflow_tracking_uri,
+            model="random:tiny",
+            resize=32,
+            crop=28,
+        )
+        assert config.batch_size == 512 and config.micro_batch is None
+        result = run_finetune(config)
+        assert result.steps == 3 and result.exported_step == 3
+
+        run = client.get_run(result.mlflow_run_id)
+        params = run.data.params
+        assert params["train_size"] == str(10 * shots) and params["examples_per_class"] == str(shots)
+        assert params["batch_size"] == "512" and params["val_size"] == "359"
+        assert params["resolution_median_area"] == "64"  # 8x8 digits: the small-image rule
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+        assert {
+            f"evaluation/{n}" for n in ("confusion_matrix.png", "confusion_matrix.csv", "mistakes.png")
+        } <= artifacts
+        top1 = client.get_metric_history(run.info.run_id, "eval/top1")[-1].value
+        assert top1 == pytest.approx(result.val_top1)
+        # the default registered name comes from the data set; the promotion decision is on the run
+        assert (
+            run.data.tags["bitray.registered_model"] == f"models:/bitray-{digits_dir.name}/{shots // 5 + 1}"
+        )
+        assert run.data.tags["bitray.promotion"] in ("moved", "kept")
+        assert Path(result.classifier_uri, "assets", "labels.txt").read_text().split() == list("0123456789")
