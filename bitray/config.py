@@ -155,8 +155,9 @@ class FinetuneConfig(Section):
     resolution_sample: int = Field(256, ge=1)
     """Images whose headers are read (seeded sample) to find the set's median area."""
     cache_decoded: bool | None = None
-    """Decode the images once and keep them in Ray's object store for every epoch; default: when the
-    decoded set is under 1 GiB. Otherwise every epoch streams them from storage again."""
+    """Decode the images once and keep the pixels in Ray's object store for every epoch; default: when
+    the decoded set is under 1 GiB. Otherwise the encoded file bytes are kept (each file is read once)
+    and decoded again every epoch, in Ray Data tasks that run ahead of the training step."""
     checkpoint_every: int = Field(100, ge=1)
     eval_every: int = Field(100, ge=1)
     """Steps between validation evaluations; every checkpoint is evaluated too, so that the export can

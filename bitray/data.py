@@ -230,6 +230,7 @@ def to_ray_dataset(
     storage: StorageConfig | None = None,
     seed: int = 0,
     min_rows: int = 0,
+    cache: str = "none",
 ) -> ray.data.Dataset:
     """Rows ``{"image": uint8[size, size, 3], "label": int64}``, read and decoded by Ray Data tasks.
 
@@ -238,6 +239,10 @@ def to_ray_dataset(
     micro-batch: a few-shot set under the HyperRule's 512) is repeated whole until it has that many
     rows, so every epoch fills a batch on every worker: sampling with repetition, as the reference
     code's sampling with replacement does.
+
+    ``cache``: ``decoded`` keeps the decoded pixels in Ray's object store (read and decoded once; for
+    sets whose pixels fit), ``encoded`` keeps the file bytes (read once, decoded every epoch: sets far
+    over memory), ``none`` reads and decodes every epoch. Ray needs to be connected for a cache.
     """
     import ray.data
 
@@ -247,12 +252,52 @@ def to_ray_dataset(
     )
     items = [{"path": labelled.paths[i], "label": labelled.labels[i]} for i in order]
     blocks = max(1, min(len(items) // 256, 64))
-    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        decode_labelled_batch,
-        fn_kwargs={"size": size, "storage": storage},
-        batch_size=64,
-        batch_format="numpy",
+    encoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        read_labelled_batch, fn_kwargs={"storage": storage}, batch_size=64, batch_format="numpy"
     )
+    if cache == "encoded":
+        encoded = encoded.materialize()
+    decoded = encoded.map_batches(
+        decode_encoded_batch, fn_kwargs={"size": size}, batch_size=64, batch_format="numpy"
+    )
+    return decoded.materialize() if cache == "decoded" else decoded
+
+
+def read_labelled_batch(batch: dict[str, np.ndarray], storage: StorageConfig | None) -> dict[str, Any]:
+    """The file bytes of a batch of ``path``/``label`` rows; unreadable files are skipped with a warning."""
+    paths, labels, blobs = [], [], []
+    for path, label in zip(batch["path"], batch["label"], strict=True):
+        try:
+            blobs.append(st.read_bytes(str(path), storage))
+        except BitrayError as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        paths.append(str(path))
+        labels.append(int(label))
+    return {
+        "path": np.asarray(paths, dtype=object),
+        "label": np.asarray(labels, np.int64),
+        "data": np.asarray(blobs, dtype=object),
+    }
+
+
+def decode_encoded_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, Any]:
+    """Decode and resize the ``data`` bytes of a batch to uint8 ``size`` x ``size``; bad images skipped."""
+    from bitray.images import ImageDecodeError, decode_image, resize_for_model
+
+    images, labels = [], []
+    for path, label, blob in zip(batch["path"], batch["label"], batch["data"], strict=True):
+        try:
+            decoded = decode_image(bytes(blob))
+        except (ImageDecodeError, BitrayError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        pixels = resize_for_model(decoded.pixels, (size, size))
+        images.append(np.round(pixels * 255.0).astype(np.uint8))
+        labels.append(int(label))
+    if not images:
+        return {"image": np.zeros((0, size, size, 3), np.uint8), "label": np.zeros((0,), np.int64)}
+    return {"image": np.stack(images), "label": np.asarray(labels, np.int64)}
 
 
 def decode_labelled_batch(

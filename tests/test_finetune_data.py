@@ -208,3 +208,25 @@ def test_mixup_draws_one_lambda_per_optimizer_step():
     allowed = np.array([0.0, 1.0, lam, 1 - lam])
     assert np.abs(mixed.reshape(-1, 1) - allowed).min(axis=1).max() < 1e-6
     np.testing.assert_allclose(targets[..., 0], mixed[..., 0, 0, 0], atol=1e-6)
+
+
+def test_prefetcher_runs_ahead_and_hands_over_errors():
+    import threading
+
+    from bitray.finetune.loop import Prefetcher
+
+    produced = []
+    lock = threading.Lock()
+
+    def produce() -> int:
+        with lock:
+            produced.append(len(produced))
+            if len(produced) == 4:
+                raise BitrayError("no more")
+            return produced[-1]
+
+    ahead = Prefetcher(produce, depth=2)
+    assert [ahead.next() for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(BitrayError, match="no more"):
+        ahead.next()
+    ahead.stop()

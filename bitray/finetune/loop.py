@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,16 +97,20 @@ def run_loop(cfg: LoopConfig) -> None:
     batches = endless_batches(ray.train.get_dataset_shard("train"), local_micro)
     val_shard = ray.train.get_dataset_shard("val") if cfg.has_val else None
     eye = np.eye(cfg.num_classes, dtype=np.float32)
+
+    def next_step_inputs() -> tuple[np.ndarray, np.ndarray]:
+        micro = [next(batches) for _ in range(accumulation)]
+        images = np.stack([bdata.random_crop_flip(b["image"], hp.crop, rng) for b in micro])
+        targets = np.stack([eye[b["label"]] for b in micro])
+        return mixup_step(images, targets, hp.mixup_alpha, rng)
+
+    inputs = Prefetcher(next_step_inputs)  # reading, augmenting and MixUp overlap the step
     tick = time.perf_counter()
     try:
         while step < hp.total_steps:
             lr = hp.lr(step)
             optimizer.learning_rate.assign(lr)
-            micro = [next(batches) for _ in range(accumulation)]
-            images = np.stack([bdata.random_crop_flip(b["image"], hp.crop, rng) for b in micro])
-            targets = np.stack([eye[b["label"]] for b in micro])
-            images, targets = mixup_step(images, targets, hp.mixup_alpha, rng)
-            loss, correct = train_step(images, targets)
+            loss, correct = train_step(*inputs.next())
             step += 1
             now = time.perf_counter()
             metrics: dict[str, float] = {
@@ -125,8 +131,49 @@ def run_loop(cfg: LoopConfig) -> None:
             if logger is not None:
                 logger.log_metrics(metrics, step)
     finally:
+        inputs.stop()
         if logger is not None:
             logger.close()
+
+
+class Prefetcher:
+    """Calls ``produce`` on a background thread, ``depth`` results ahead of ``next()``.
+
+    TensorFlow releases the GIL while it runs a step, so the next step's batch is read, cropped, flipped
+    and mixed meanwhile. An exception in ``produce`` is raised by the ``next()`` that would have got its
+    result.
+    """
+
+    def __init__(self, produce, depth: int = 2) -> None:  # noqa: ANN001 - () -> T
+        self._produce = produce
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bitray-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                item = (True, self._produce())
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                item = (False, exc)
+            while not self._stopped.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not item[0]:
+                return
+
+    def next(self):  # noqa: ANN201 - T
+        ok, value = self._queue.get()
+        if not ok:
+            raise value
+        return value
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 def mixup_step(

@@ -175,16 +175,18 @@ def _fit(
     from ray.train.tensorflow import TensorflowTrainer
 
     hp, storage = loop.hyper, loop.storage
-    # a set smaller than a global micro-batch is repeated: every epoch then fills a batch on every worker
-    train = bdata.to_ray_dataset(train_set, hp.resize, storage, config.seed, min_rows=hp.micro_batch)
-    datasets = {"train": train}
-    if val_set is not None:
-        datasets["val"] = bdata.to_ray_dataset(val_set, hp.crop, storage, config.seed)
     rows = max(len(train_set), hp.micro_batch)
     decoded_bytes = rows * hp.resize**2 * 3 + (len(val_set) * hp.crop**2 * 3 if val_set else 0)
-    cache = config.cache_decoded if config.cache_decoded is not None else decoded_bytes < CACHE_LIMIT_BYTES
-    if cache:  # read and decode once, not once per epoch
-        datasets = {key: ds.materialize() for key, ds in datasets.items()}
+    fits = config.cache_decoded if config.cache_decoded is not None else decoded_bytes < CACHE_LIMIT_BYTES
+    # pixels when they fit (read and decoded once), else the encoded bytes (read once, decoded per epoch)
+    cache = "decoded" if fits else "encoded"
+    log.info("data cache: %s (decoded set about %.2f GiB)", cache, decoded_bytes / 2**30)
+    # a set smaller than a global micro-batch is repeated: every epoch then fills a batch on every worker
+    datasets = {
+        "train": bdata.to_ray_dataset(train_set, hp.resize, storage, config.seed, hp.micro_batch, cache)
+    }
+    if val_set is not None:
+        datasets["val"] = bdata.to_ray_dataset(val_set, hp.crop, storage, config.seed, cache=cache)
     use_gpu = config.gpus_per_worker > 0
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})}
     ranked = {"checkpoint_score_attribute": VAL_TOP1, "checkpoint_score_order": "max"} if loop.has_val else {}
