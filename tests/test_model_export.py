@@ -27,6 +27,7 @@ IMAGES = np.random.default_rng(0).random((4, 48, 48, 3), np.float32)
 def classifier() -> LoadedModel:
     loaded = random_head_classifier(3)
     loaded.class_names = ["cat", "dog", "owl"]
+    loaded.image_size = 48
     return loaded
 
 
@@ -184,6 +185,7 @@ def test_exports_carry_their_class_names(classifier: LoadedModel, exports: dict[
     np.testing.assert_allclose(served["probabilities"].numpy(), tf.nn.softmax(served["logits"]).numpy())
     loaded = load_model(f"savedmodel:{directory}", classifier=True)  # no class count to know beforehand
     assert loaded.class_names == ["cat", "dog", "owl"] and loaded.num_classes == 3
+    assert loaded.image_size == 48
     np.testing.assert_allclose(loaded.model(IMAGES).numpy(), classifier.model(IMAGES).numpy(), atol=1e-4)
     assert load_model(f"savedmodel:{exports['features']}").class_names == ["cat", "dog", "owl"]
     with pytest.raises(BitrayError, match=r"not a classifier export"):

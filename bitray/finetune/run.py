@@ -252,7 +252,10 @@ def _export_and_register(
     loaded = load_model(config.model, num_classes=len(train_set.classes), storage=storage)
     # the exported model names its origin: base weights (random-init stays visible) and this fine-tune
     loaded = dataclasses.replace(
-        loaded, model_id=f"{loaded.model_id}+finetune:{run_name}", class_names=list(train_set.classes)
+        loaded,
+        model_id=f"{loaded.model_id}+finetune:{run_name}",
+        class_names=list(train_set.classes),
+        image_size=hp.crop,
     )
     with checkpoint.as_directory() as directory:
         saved = tf.train.Checkpoint(model=loaded.model)

@@ -114,6 +114,7 @@ def export_savedmodel(
         "feature_dim": loaded.feature_dim,
         "num_classes": loaded.num_classes if classifier else None,
         "class_names": LABELS_FILE if names is not None else None,
+        "image_size": loaded.image_size,
         "output": output,
         "input": "float32 images [batch, height, width, 3] with values in [0, 1]",
         "bitray_version": __version__,

@@ -66,6 +66,8 @@ class LoadedModel:
     num_classes: int | None = None
     class_names: list[str] | None = None
     """The class of each logit, in order, for a model that knows them (a fine-tuned export's labels)."""
+    image_size: int | None = None
+    """The side images were fed at in training's evaluation (a fine-tune's crop), when known."""
 
     def inference_function(self) -> Callable[[Any], Any]:
         """The model as one traced TF graph for inference (``training=False``), any batch and image size.
@@ -318,7 +320,9 @@ def _from_savedmodel(
     model_id = meta.get("model_id") or f"savedmodel:{_checkpoint_name(uri)}"
     feature_dim = meta.get("feature_dim", width)
     names = read_class_names(path)
-    return LoadedModel(model, model_id, meta.get("arch"), feature_dim, num_classes, names)
+    return LoadedModel(
+        model, model_id, meta.get("arch"), feature_dim, num_classes, names, meta.get("image_size")
+    )
 
 
 def _from_hub(handle: str, num_classes: int | None, trainable: bool) -> LoadedModel:
