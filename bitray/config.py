@@ -158,6 +158,9 @@ class FinetuneConfig(Section):
     """Decode the images once and keep the pixels in Ray's object store for every epoch; default: when
     the decoded set is under 1 GiB. Otherwise the encoded file bytes are kept (each file is read once)
     and decoded again every epoch, in Ray Data tasks that run ahead of the training step."""
+    shuffle: str = Field("global", pattern="^(global|local)$")
+    """``global``: every epoch is a fresh permutation of the whole training set (a Ray Data shuffle of
+    the cached rows, a few seconds per epoch); ``local``: a 1,024-row buffer over the cached order."""
     checkpoint_every: int = Field(100, ge=1)
     eval_every: int = Field(100, ge=1)
     """Steps between validation evaluations; every checkpoint is evaluated too, so that the export can

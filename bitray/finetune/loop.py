@@ -46,6 +46,8 @@ class LoopConfig:
     tracking_uri: str
     run_id: str
     has_val: bool
+    shuffle_buffer: int = SHUFFLE_BUFFER
+    """Rows of the local shuffle buffer; 0 when the dataset is shuffled globally every epoch."""
 
 
 def train_loop(train_loop_config: dict[str, LoopConfig]) -> None:
@@ -94,7 +96,7 @@ def run_loop(cfg: LoopConfig) -> None:
         logger.set_tag("bitray.resumed_from_step", str(step))
 
     rng = np.random.default_rng()  # augmentation is random on purpose, not seeded
-    batches = endless_batches(ray.train.get_dataset_shard("train"), local_micro)
+    batches = endless_batches(ray.train.get_dataset_shard("train"), local_micro, cfg.shuffle_buffer)
     val_shard = ray.train.get_dataset_shard("val") if cfg.has_val else None
     eye = np.eye(cfg.num_classes, dtype=np.float32)
 
@@ -223,8 +225,9 @@ def make_train_step(strategy, model, optimizer, global_batch: int, accumulation:
     return step
 
 
-def endless_batches(shard, batch_size: int):  # noqa: ANN001, ANN201
-    """This worker's micro-batches, epoch after epoch, locally shuffled; equal counts on every worker.
+def endless_batches(shard, batch_size: int, shuffle_buffer: int = SHUFFLE_BUFFER):  # noqa: ANN001, ANN201
+    """This worker's micro-batches, epoch after epoch (``shuffle_buffer`` rows shuffled locally, 0: none);
+    equal counts on every worker.
 
     The driver repeats a small set until an epoch holds a global micro-batch, so an epoch without a
     single batch means the shard's images could not be decoded: that fails at once, never loops.
@@ -235,7 +238,7 @@ def endless_batches(shard, batch_size: int):  # noqa: ANN001, ANN201
             batch_size=batch_size,
             batch_format="numpy",
             drop_last=True,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER,
+            local_shuffle_buffer_size=shuffle_buffer or None,
         ):
             formed += 1
             yield batch

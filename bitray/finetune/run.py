@@ -28,7 +28,7 @@ from bitray import storage as st
 from bitray.config import FinetuneConfig, StorageConfig
 from bitray.errors import BitrayError
 from bitray.finetune import evaluation, promotion
-from bitray.finetune.loop import CHECKPOINT_PREFIX, VAL_TOP1, LoopConfig, train_loop
+from bitray.finetune.loop import CHECKPOINT_PREFIX, SHUFFLE_BUFFER, VAL_TOP1, LoopConfig, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,14 @@ def run_finetune(config: FinetuneConfig, *, address: str | None = None) -> Finet
         train_set = bdata.few_shot(train_set, config.examples_per_class, config.seed)
     areas = bdata.median_image_area(train_set.paths, storage, config.resolution_sample, config.seed)
     hp = hyperrule.resolve(config, len(train_set), areas.median_area)
+    rule = hyperrule.resolution_for_area(areas.median_area, config.resolution)  # type: ignore[arg-type]
     log.info(
-        "resolution: median area %.0f px over %d sampled images (%d skipped) -> resize %d, crop %d",
+        "resolution: median area %.0f px over %d sampled images (%d skipped): the rule says resize %d, "
+        "crop %d; using resize %d, crop %d",
         areas.median_area,
         areas.sampled,
         areas.skipped,
+        *rule,
         hp.resize,
         hp.crop,
     )
@@ -106,6 +109,7 @@ def run_finetune(config: FinetuneConfig, *, address: str | None = None) -> Finet
             tracking_uri=tracking_uri,
             run_id=run_id,
             has_val=val_set is not None,
+            shuffle_buffer=0 if config.shuffle == "global" else SHUFFLE_BUFFER,
         )
         result = _fit(config, loop, train_set, val_set, name, storage_path, storage_fs)
         checkpoint, metrics = _chosen_checkpoint(result, config.export)
@@ -185,6 +189,8 @@ def _fit(
     datasets = {
         "train": bdata.to_ray_dataset(train_set, hp.resize, storage, config.seed, hp.micro_batch, cache)
     }
+    if config.shuffle == "global":  # re-executed by every epoch: a fresh permutation of the whole set
+        datasets["train"] = datasets["train"].random_shuffle()
     if val_set is not None:
         datasets["val"] = bdata.to_ray_dataset(val_set, hp.crop, storage, config.seed, cache=cache)
     use_gpu = config.gpus_per_worker > 0
