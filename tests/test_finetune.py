@@ -266,6 +266,7 @@ def test_one_and_five_shot_train_at_the_hyperrule_batch(digits_dir, ray_local, m
             model="random:tiny",
             resize=32,
             crop=28,
+            cache_decoded=False if shots == 1 else None,  # 1-shot: the encoded-bytes cache, decoded per epoch
         )
         assert config.batch_size == 512 and config.micro_batch is None
         result = run_finetune(config)
