@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=28)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray worker = TF threads of both")
     parser.add_argument("--gpus", type=float, default=0)
+    parser.add_argument("--shuffle", default="global", choices=("global", "local"), help="Ray loop's shuffle")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bitray-train-bench-") as tmp:
@@ -44,6 +45,7 @@ def main() -> None:
         "batch": args.batch,
         "crop": args.crop,
         "cpus": args.cpus,
+        "shuffle": args.shuffle,
         "plain_tf_keras_images_per_s": round(plain, 1),
         "ray_train_images_per_s": round(ray_ips, 1),
         "ratio": round(ray_ips / plain, 3),
@@ -127,6 +129,7 @@ def ray_loop(root: Path, args: argparse.Namespace) -> float:
                 storage_path=str(root / "runs"),
                 tracking_uri=tracking_uri,
                 registered_model=None,
+                shuffle=args.shuffle,
                 name="train-bench",
             )
         )

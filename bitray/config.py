@@ -7,6 +7,7 @@ command-line overrides on top, and turns pydantic's validation errors into one `
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -133,6 +134,9 @@ class FinetuneConfig(Section):
     """A separate labelled validation set (same layouts); default: hold out ``val_fraction`` of ``data``."""
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     """Share of ``data`` held out for validation when no ``validation`` set is given (deterministic split)."""
+    examples_per_class: int | None = Field(None, ge=1)
+    """Few-shot: train on a seeded draw of K images per class (the paper's 1, 2, 5, 10, 25); the
+    validation set is unchanged. Batches larger than the set are filled by repeating it."""
     output: str = "./bitray-output/finetune"
     """Where the exported SavedModels go (``<output>/feature_vector``, ``<output>/classifier``)."""
     model: str = "bit-m-r50x1"
@@ -160,12 +164,24 @@ class FinetuneConfig(Section):
     resize: int | None = Field(None, ge=8)
     crop: int | None = Field(None, ge=8)
     """Training images are resized to ``resize`` then randomly cropped to ``crop``; evaluation resizes
-    straight to ``crop``. Default by image area: 160/128 below 96x96, else per ``resolution``."""
+    straight to ``crop``. Default by the median image area of a sample: 160/128 below 96x96, else per
+    ``resolution``."""
+    resolution_sample: int = Field(256, ge=1)
+    """Images whose headers are read (seeded sample) to find the set's median area."""
     cache_decoded: bool | None = None
-    """Decode the images once and keep them in Ray's object store for every epoch; default: when the
-    decoded set is under 1 GiB. Otherwise every epoch streams them from storage again."""
+    """Decode the images once and keep the pixels in Ray's object store for every epoch; default: when
+    the decoded set is under 1 GiB. Otherwise the encoded file bytes are kept (each file is read once)
+    and decoded again every epoch, in Ray Data tasks that run ahead of the training step."""
+    shuffle: str = Field("global", pattern="^(global|local)$")
+    """``global``: every epoch is a fresh permutation of the whole training set (a Ray Data shuffle of
+    the cached rows, a few seconds per epoch); ``local``: a 1,024-row buffer over the cached order."""
     checkpoint_every: int = Field(100, ge=1)
     eval_every: int = Field(100, ge=1)
+    """Steps between validation evaluations; every checkpoint is evaluated too, so that the export can
+    be the best checkpoint by validation top-1."""
+    export: str = Field("best", pattern="^(best|last)$")
+    """Which checkpoint is exported: ``best`` by validation top-1 (the last one without validation)
+    or ``last``."""
     max_failures: int = Field(3, ge=-1)
     """Worker failures the run survives (restarting from the last checkpoint); -1: unlimited."""
     seed: int = 0
@@ -177,14 +193,28 @@ class FinetuneConfig(Section):
     tracking_uri: str | None = None
     """MLflow tracking URI; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
     experiment: str = "bitray-finetune"
-    registered_model: str | None = "bitray-finetuned"
-    """Registered model name in the MLflow model registry; ``null`` skips registration."""
+    registered_model: str | None = "auto"
+    """Registered model name in the MLflow model registry; ``auto``: ``bitray-<data set name>`` (the
+    last part of ``data``); ``null`` skips registration."""
     model_alias: str = "champion"
-    """Alias pointed at the new version (MLflow reserves ``latest``)."""
+    """Alias pointed at the new version (MLflow reserves ``latest``) when ``promote`` allows."""
+    promote: str = Field("if_better", pattern="^(if_better|always)$")
+    """``if_better``: move the alias only when the new version's validation top-1 beats the holder's on
+    the same validation set (same digest of its list); ``always``: move it regardless."""
     storage: StorageConfig = StorageConfig()
 
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+    def resolved_registered_model(self) -> str | None:
+        """The registry name as given; ``auto``: ``bitray-<data set>`` (s3://b/pets/ gives bitray-pets)."""
+        if self.registered_model != "auto":
+            return self.registered_model
+        last = self.data.rstrip("/").rsplit("/", 1)[-1]
+        for suffix in (".csv", ".parquet"):
+            last = last.removesuffix(suffix)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-.") or "data"
+        return f"bitray-{name}"
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

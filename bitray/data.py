@@ -7,6 +7,7 @@ resized with ``bitray.images``, the code the embedding pipeline uses, then kept 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections.abc import Iterator
@@ -37,6 +38,13 @@ class LabelledSet:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def digest(self) -> str:
+        """sha256 of the (path, label name) list in order-free form: which set a score was measured on."""
+        rows = sorted(
+            f"{path}\t{self.classes[label]}\n" for path, label in zip(self.paths, self.labels, strict=True)
+        )
+        return hashlib.sha256("".join(rows).encode()).hexdigest()
 
 
 def list_labelled(uri: str, storage: StorageConfig | None = None) -> list[tuple[str, str]]:
@@ -133,45 +141,154 @@ def split_pairs(
     return train, val
 
 
-def image_size_of(uri: str, storage: StorageConfig | None = None) -> tuple[int, int]:
-    """(height, width) of one image, for the HyperRule's resolution choice."""
-    from bitray.images import decode_image
+def few_shot(labelled: LabelledSet, examples_per_class: int, seed: int = 0) -> LabelledSet:
+    """A seeded draw of ``examples_per_class`` images of every class (the paper's 1/2/5/10/25-shot sets)."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labelled.labels):
+        by_class.setdefault(label, []).append(i)
+    short = [
+        labelled.classes[c]
+        for c in range(len(labelled.classes))
+        if len(by_class.get(c, [])) < examples_per_class
+    ]
+    if short:
+        raise BitrayError(
+            f"examples_per_class {examples_per_class}: class(es) {short[:5]} have fewer training images; "
+            "lower examples_per_class or add images"
+        )
+    chosen = sorted(
+        i for c in sorted(by_class) for i in rng.choice(by_class[c], examples_per_class, replace=False)
+    )
+    return LabelledSet(
+        [labelled.paths[i] for i in chosen], [labelled.labels[i] for i in chosen], labelled.classes
+    )
 
-    decoded = decode_image(st.read_bytes(uri, storage))
-    return decoded.height, decoded.width
+
+HEADER_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class AreaSample:
+    """The median image area of a seeded sample, read from image headers only."""
+
+    median_area: float
+    sampled: int
+    skipped: int
+
+
+def median_image_area(
+    paths: list[str], storage: StorageConfig | None = None, sample: int = 256, seed: int = 0
+) -> AreaSample:
+    """Median ``height * width`` over a seeded sample of ``sample`` images, for the HyperRule's resolution.
+
+    Only the first 64 KiB of each file is read (PIL parses the size from the header without decoding);
+    a header that needs more is read whole. Unreadable or undecodable images are skipped; if every
+    sampled image is, the set cannot be used and this says so.
+    """
+    rng = np.random.default_rng(seed)
+    picked = [paths[i] for i in sorted(rng.choice(len(paths), min(sample, len(paths)), replace=False))]
+    areas, skipped = [], 0
+    for uri in picked:
+        size = _header_size(uri, storage)
+        if size is None:
+            skipped += 1
+            continue
+        areas.append(size[0] * size[1])
+    if not areas:
+        raise BitrayError(
+            f"none of the {len(picked)} sampled images (e.g. {picked[0]!r}) could be read as an image; "
+            "check the data URI and the files"
+        )
+    return AreaSample(float(np.median(areas)), len(areas), skipped)
+
+
+def _header_size(uri: str, storage: StorageConfig | None) -> tuple[int, int] | None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        fs, path = st.filesystem_for(uri, storage)
+        with fs.open_input_stream(path) as stream:
+            head = stream.read(HEADER_BYTES)
+        for data in (head, None):
+            try:
+                with Image.open(
+                    io.BytesIO(data if data is not None else st.read_bytes(uri, storage))
+                ) as image:
+                    return image.size
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                if data is None or len(head) < HEADER_BYTES:
+                    raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, BitrayError) as exc:
+        log.warning("resolution sample: skipping %s (%s)", uri, exc)
+    return None
 
 
 def to_ray_dataset(
-    labelled: LabelledSet, size: int, storage: StorageConfig | None = None, seed: int = 0
+    labelled: LabelledSet,
+    size: int,
+    storage: StorageConfig | None = None,
+    seed: int = 0,
+    min_rows: int = 0,
+    cache: str = "none",
 ) -> ray.data.Dataset:
     """Rows ``{"image": uint8[size, size, 3], "label": int64}``, read and decoded by Ray Data tasks.
 
     The rows are shuffled once (seeded) so that class-sorted listings do not give one-class batches;
-    the training loop adds a local shuffle per epoch.
+    the training loop adds a local shuffle per epoch. A set smaller than ``min_rows`` (the global
+    micro-batch: a few-shot set under the HyperRule's 512) is repeated whole until it has that many
+    rows, so every epoch fills a batch on every worker: sampling with repetition, as the reference
+    code's sampling with replacement does.
+
+    ``cache``: ``decoded`` keeps the decoded pixels in Ray's object store (read and decoded once; for
+    sets whose pixels fit), ``encoded`` keeps the file bytes (read once, decoded every epoch: sets far
+    over memory), ``none`` reads and decodes every epoch. Ray needs to be connected for a cache.
     """
     import ray.data
 
-    order = np.random.default_rng(seed).permutation(len(labelled))
+    repeats = max(1, -(-min_rows // max(1, len(labelled))))
+    order = np.concatenate(
+        [np.random.default_rng(seed + r).permutation(len(labelled)) for r in range(repeats)]
+    )
     items = [{"path": labelled.paths[i], "label": labelled.labels[i]} for i in order]
     blocks = max(1, min(len(items) // 256, 64))
-    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        decode_labelled_batch,
-        fn_kwargs={"size": size, "storage": storage},
-        batch_size=64,
-        batch_format="numpy",
+    encoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        read_labelled_batch, fn_kwargs={"storage": storage}, batch_size=64, batch_format="numpy"
     )
+    if cache == "encoded":
+        encoded = encoded.materialize()
+    decoded = encoded.map_batches(
+        decode_encoded_batch, fn_kwargs={"size": size}, batch_size=64, batch_format="numpy"
+    )
+    return decoded.materialize() if cache == "decoded" else decoded
 
 
-def decode_labelled_batch(
-    batch: dict[str, np.ndarray], size: int, storage: StorageConfig | None
-) -> dict[str, Any]:
-    """Read, decode and resize a batch of ``path``/``label`` rows; undecodable images are skipped."""
+def read_labelled_batch(batch: dict[str, np.ndarray], storage: StorageConfig | None) -> dict[str, Any]:
+    """The file bytes of a batch of ``path``/``label`` rows; unreadable files are skipped with a warning."""
+    paths, labels, blobs = [], [], []
+    for path, label in zip(batch["path"], batch["label"], strict=True):
+        try:
+            blobs.append(st.read_bytes(str(path), storage))
+        except BitrayError as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        paths.append(str(path))
+        labels.append(int(label))
+    return {
+        "path": np.asarray(paths, dtype=object),
+        "label": np.asarray(labels, np.int64),
+        "data": np.asarray(blobs, dtype=object),
+    }
+
+
+def decode_encoded_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, Any]:
+    """Decode and resize the ``data`` bytes of a batch to uint8 ``size`` x ``size``; bad images skipped."""
     from bitray.images import ImageDecodeError, decode_image, resize_for_model
 
     images, labels = [], []
-    for path, label in zip(batch["path"], batch["label"], strict=True):
+    for path, label, blob in zip(batch["path"], batch["label"], batch["data"], strict=True):
         try:
-            decoded = decode_image(st.read_bytes(str(path), storage))
+            decoded = decode_image(bytes(blob))
         except (ImageDecodeError, BitrayError) as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
@@ -181,6 +298,32 @@ def decode_labelled_batch(
     if not images:
         return {"image": np.zeros((0, size, size, 3), np.uint8), "label": np.zeros((0,), np.int64)}
     return {"image": np.stack(images), "label": np.asarray(labels, np.int64)}
+
+
+def decode_labelled_batch(
+    batch: dict[str, np.ndarray], size: int, storage: StorageConfig | None, keep_paths: bool = False
+) -> dict[str, Any]:
+    """Read, decode and resize a batch of ``path``/``label`` rows; undecodable images are skipped.
+
+    ``keep_paths`` keeps a ``path`` column beside the decoded rows (for the evaluation's report).
+    """
+    from bitray.images import ImageDecodeError, decode_image, resize_for_model
+
+    images, labels, paths = [], [], []
+    for path, label in zip(batch["path"], batch["label"], strict=True):
+        try:
+            decoded = decode_image(st.read_bytes(str(path), storage))
+        except (ImageDecodeError, BitrayError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        pixels = resize_for_model(decoded.pixels, (size, size))
+        images.append(np.round(pixels * 255.0).astype(np.uint8))
+        labels.append(int(label))
+        paths.append(str(path))
+    extra = {"path": np.asarray(paths, dtype=object)} if keep_paths else {}
+    if not images:
+        return {"image": np.zeros((0, size, size, 3), np.uint8), "label": np.zeros((0,), np.int64), **extra}
+    return {"image": np.stack(images), "label": np.asarray(labels, np.int64), **extra}
 
 
 # --- HyperRule augmentation (numpy, on the training worker) ---------------------------------------------

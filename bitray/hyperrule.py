@@ -2,7 +2,7 @@
 
 Mirrors google-research/big_transfer ``bit_hyperrule.py``: the training-set size picks the step schedule
 and MixUp, the image area picks the resolution. SGD with momentum 0.9, base LR 0.003 at batch 512, no
-weight decay, a zero-initialised head. Everything here can be overridden by ``FinetuneConfig``.
+weight decay, a zero-initialised head. ``resolve`` applies a ``FinetuneConfig``'s overrides.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from bitray.config import FinetuneConfig
 from bitray.errors import BitrayError
 
 BASE_LR = 0.003
@@ -30,9 +31,16 @@ def resolution(height: int, width: int, variant: ResolutionVariant = "paper") ->
     """``(resize, crop)`` for images of ``height`` x ``width``: small images (area < 96x96) get 160/128."""
     if height <= 0 or width <= 0:
         raise BitrayError(f"image size must be positive to pick a resolution, got {height}x{width}")
+    return resolution_for_area(height * width, variant)
+
+
+def resolution_for_area(area: float, variant: ResolutionVariant = "paper") -> tuple[int, int]:
+    """``(resize, crop)`` for images of ``area`` pixels (for a set: the median area of a sample)."""
+    if area <= 0:
+        raise BitrayError(f"image area must be positive to pick a resolution, got {area}")
     if variant not in _LARGE_RESOLUTION:
         raise BitrayError(f"unknown resolution variant {variant!r}; use 'paper' or 'released'")
-    if height * width < SMALL_IMAGE_AREA:
+    if area < SMALL_IMAGE_AREA:
         return _SMALL_RESOLUTION
     return _LARGE_RESOLUTION[variant]
 
@@ -117,52 +125,39 @@ class HyperParams:
         return params
 
 
-def resolve(
-    dataset_size: int,
-    image_size: tuple[int, int],
-    *,
-    boundaries: list[int] | None = None,
-    total_steps: int | None = None,
-    base_lr: float | None = None,
-    momentum: float | None = None,
-    batch_size: int | None = None,
-    micro_batch: int | None = None,
-    mixup: float | None = None,
-    resize: int | None = None,
-    crop: int | None = None,
-    variant: ResolutionVariant = "paper",
-) -> HyperParams:
-    """The HyperRule for a training set of ``dataset_size`` images of ``image_size`` (h, w), with overrides.
+def resolve(config: FinetuneConfig, dataset_size: int, image_area: float) -> HyperParams:
+    """The HyperRule for ``dataset_size`` training images of median area ``image_area``, with the
+    config's overrides (its ``None`` fields follow the rule).
 
-    ``total_steps`` alone rescales the rule's boundaries proportionally (e.g. 500 -> 100 steps gives
-    [20, 40, 60, 80, 100]); ``boundaries`` replaces them outright.
+    ``config.steps`` alone rescales the rule's boundaries proportionally (e.g. 500 -> 100 steps gives
+    [20, 40, 60, 80, 100]); ``config.boundaries`` replaces them outright.
     """
-    if boundaries is not None:
-        bounds = list(boundaries)
+    if config.boundaries is not None:
+        bounds = list(config.boundaries)
     else:
         bounds = schedule(dataset_size)
-        if total_steps is not None:
-            if total_steps < len(bounds):
-                raise BitrayError(f"total_steps {total_steps} is too small; give at least {len(bounds)}")
-            bounds = [max(1, round(b * total_steps / bounds[-1])) for b in bounds]
+        if config.steps is not None:
+            if config.steps < len(bounds):
+                raise BitrayError(f"steps {config.steps} is too small; give at least {len(bounds)}")
+            bounds = [max(1, round(b * config.steps / bounds[-1])) for b in bounds]
     validate_boundaries(bounds)
-    rule_resize, rule_crop = resolution(*image_size, variant=variant)
-    resize = resize if resize is not None else rule_resize
-    crop = crop if crop is not None else rule_crop
+    rule_resize, rule_crop = resolution_for_area(image_area, config.resolution)  # type: ignore[arg-type]
+    resize = config.resize if config.resize is not None else rule_resize
+    crop = config.crop if config.crop is not None else rule_crop
     if crop > resize:
         raise BitrayError(f"crop {crop} is larger than resize {resize}; the random crop must fit inside")
-    batch = batch_size if batch_size is not None else BATCH_SIZE
-    micro = micro_batch if micro_batch is not None else batch
+    batch = config.batch_size
+    micro = config.micro_batch if config.micro_batch is not None else batch
     if batch <= 0 or micro <= 0 or batch % micro:
         raise BitrayError(f"batch_size {batch} must be a positive multiple of micro_batch {micro}")
     return HyperParams(
         dataset_size=dataset_size,
         boundaries=bounds,
-        base_lr=base_lr if base_lr is not None else BASE_LR,
-        momentum=momentum if momentum is not None else MOMENTUM,
+        base_lr=config.base_lr,
+        momentum=config.momentum,
         batch_size=batch,
         micro_batch=micro,
-        mixup_alpha=mixup if mixup is not None else mixup_alpha(dataset_size),
+        mixup_alpha=config.mixup_alpha if config.mixup_alpha is not None else mixup_alpha(dataset_size),
         resize=resize,
         crop=crop,
     )

@@ -1,9 +1,14 @@
 """MLflow for fine-tuning: one run per fine-tune, metrics from rank 0, the final model in the registry.
 
-The run is found again by its ``bitray.run_name`` tag, so a resumed fine-tune (after a worker failure or a
-rerun with the same name) logs into the same MLflow run, and its step axis continues: ``MetricLogger``
-skips steps the run already holds. Tracking must never stop training: every call is wrapped, and an
-unreachable server costs a warning, not the run.
+A run's identity is (experiment, name, storage path): it is found again by its ``bitray.run_name`` tag,
+so a resumed fine-tune (after a worker failure or a rerun with the same name and storage path) logs into
+the same MLflow run, and its step axis continues: ``MetricLogger`` skips steps the run already holds. The
+same name with another storage path would be a different Ray Train run (it starts from scratch), so it
+is refused rather than merged into the old MLflow run.
+
+Tracking must never stop or stall training: ``MetricLogger`` hands metrics to a background thread
+through a bounded queue (a full queue drops the oldest entry, counted), so an unreachable server costs
+the training loop a queue insertion per step, and a warning a minute.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,6 +28,11 @@ from bitray.errors import BitrayError
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "bitray.run_name"
+STORAGE_PATH_TAG = "bitray.storage_path"
+VAL_TOP1_TAG = "bitray.val_top1"
+VAL_DIGEST_TAG = "bitray.val_digest"
+QUEUE_SIZE = 1000
+CLOSE_TIMEOUT_S = 30.0
 LOSS_METRIC = "train/loss"
 FEATURE_VECTOR = "feature_vector"
 CLASSIFIER = "classifier"
@@ -55,11 +67,14 @@ def ensure_experiment(client, name: str) -> str:  # noqa: ANN001 - mlflow's clie
     return client.create_experiment(name, artifact_location=location)
 
 
-def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str) -> tuple[str, bool]:
-    """``(run_id, resumed)``: the run tagged with ``run_name`` in ``experiment``, or a new one.
+def start_or_resume_run(
+    tracking_uri: str, experiment: str, run_name: str, storage_path: str
+) -> tuple[str, bool]:
+    """``(run_id, resumed)``: the run of (``experiment``, ``run_name``, ``storage_path``), or a new one.
 
-    Raises ``BitrayError`` if the tracking server cannot be reached at the start: a fine-tune whose
-    tracking is broken from the outset is better stopped before it spends GPU hours.
+    Raises ``BitrayError`` if the name is taken by a run with another storage path (resuming it would
+    merge two trainings into one history), or if the tracking server cannot be reached at the start: a
+    fine-tune whose tracking is broken from the outset is better stopped before it spends GPU hours.
     """
     quick_failures()
     try:
@@ -68,29 +83,54 @@ def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str) -> tu
         found = client.search_runs(
             [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
         )
+    except Exception as exc:  # mlflow raises many types: connection, REST, sqlalchemy
+        raise BitrayError(f"MLflow tracking at {tracking_uri!r} is not usable: {exc}") from None
+    if found:
+        run = found[0]
+        earlier = run.data.tags.get(STORAGE_PATH_TAG)
+        if earlier is not None and earlier != storage_path:
+            raise BitrayError(
+                f"run name {run_name!r} is taken in MLflow experiment {experiment!r} (run {run.info.run_id}) "
+                f"by a fine-tune with storage_path {earlier!r}, not {storage_path!r}; pass that storage_path "
+                "to resume it, or another --name for a new run"
+            )
+    try:
         if found:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
             return run_id, True
-        run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
-        return run.info.run_id, False
-    except Exception as exc:  # mlflow raises many types: connection, REST, sqlalchemy
+        tags = {RUN_NAME_TAG: run_name, STORAGE_PATH_TAG: storage_path}
+        return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, False
+    except Exception as exc:
         raise BitrayError(f"MLflow tracking at {tracking_uri!r} is not usable: {exc}") from None
 
 
 class MetricLogger:
-    """Rank 0's view of the run: metrics and tags that warn instead of raising.
+    """Rank 0's view of the run: metrics and tags that never raise and never wait on the server.
 
-    Steps at or below the last step already in the run are skipped, so replaying steps after a resume
-    from an older checkpoint does not write a second history over the first.
+    ``log_metrics`` and ``set_tag`` only enqueue (bounded; when full the oldest entry is dropped and
+    counted); a daemon thread sends them. Steps at or below the last step already in the run are
+    skipped, so replaying steps after a resume from an older checkpoint does not write a second history
+    over the first. ``close`` waits at most ``close_timeout`` seconds for the queue to drain.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, *, system_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str,
+        *,
+        system_metrics: bool = True,
+        queue_size: int = QUEUE_SIZE,
+        close_timeout: float = CLOSE_TIMEOUT_S,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.last_logged = -1
+        self.dropped = 0
+        self.close_timeout = close_timeout
         self._warned_at = 0.0
         self._active = False
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         quick_failures()
         self._client = _client(tracking_uri)
         with self._guard("resume the run"):
@@ -101,6 +141,8 @@ class MetricLogger:
             self.last_logged = max((m.step for m in history), default=-1)
             mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics and _has_psutil())
             self._active = True
+        self._thread = threading.Thread(target=self._send_all, name="bitray-mlflow-logger", daemon=True)
+        self._thread.start()
 
     @contextlib.contextmanager
     def _guard(self, what: str) -> Iterator[None]:
@@ -112,19 +154,58 @@ class MetricLogger:
                 log.warning("MLflow: could not %s (%s); training goes on", what, exc)
                 self._warned_at = now
 
+    def _put(self, item: tuple) -> None:
+        while True:
+            try:
+                self._queue.put_nowait(item)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get_nowait()
+                    self._queue.task_done()
+                    self.dropped += 1
+
+    def _send_all(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item[0] == "stop":
+                    return
+                if item[0] == "metrics":
+                    _, metrics, step = item
+                    with self._guard(f"log metrics at step {step}"):
+                        self._client.log_batch(self.run_id, metrics=_metrics(metrics, step))
+                else:
+                    _, key, value = item
+                    with self._guard(f"set tag {key}"):
+                        self._client.set_tag(self.run_id, key, value)
+            finally:
+                self._queue.task_done()
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if step <= self.last_logged:
             return
-        with self._guard(f"log metrics at step {step}"):
-            self._client.log_batch(self.run_id, metrics=_metrics(metrics, step))
-            self.last_logged = step
+        self.last_logged = step
+        self._put(("metrics", dict(metrics), step))
 
     def set_tag(self, key: str, value: str) -> None:
-        with self._guard(f"set tag {key}"):
-            self._client.set_tag(self.run_id, key, value)
+        self._put(("tag", key, value))
 
     def close(self) -> None:
-        if self._active:
+        """Send what is queued (waiting ``close_timeout`` seconds at most), then end the run."""
+        self._put(("stop",))
+        self._thread.join(self.close_timeout)
+        if self._thread.is_alive():
+            log.warning(
+                "MLflow: %d queued entries not sent after %.0f s; giving up",
+                self._queue.qsize(),
+                self.close_timeout,
+            )
+        if self.dropped:
+            log.warning(
+                "MLflow: dropped %d metric/tag entries while the server was slow or away", self.dropped
+            )
+        if self._active and not self._thread.is_alive():
             with self._guard("end the run"):
                 import mlflow
 
@@ -165,14 +246,10 @@ def log_final_model(
     run_id: str,
     feature_dir: Path,
     classifier_dir: Path,
-    *,
-    registered_model: str | None,
-    alias: str,
-) -> str | None:
-    """Log both SavedModels as one pyfunc model in the run; register it and point ``alias`` at it.
-
-    Returns the registered version (``None`` when ``registered_model`` is ``None``).
-    """
+    example: Any,
+) -> str:
+    """Log both SavedModels as one pyfunc model in the run, with a signature and ``example`` (float32
+    images ``[b, h, w, 3]`` in [0, 1]) as its input example; returns the model URI."""
     import mlflow
     import mlflow.pyfunc
 
@@ -183,13 +260,46 @@ def log_final_model(
             python_model=BitClassifier(),
             artifacts={FEATURE_VECTOR: str(feature_dir), CLASSIFIER: str(classifier_dir)},
             pip_requirements=["bitray", "tensorflow", "tensorflow-hub", "tf-keras"],
+            signature=classifier_signature(),
+            input_example=example,
         )
-        if registered_model is None:
-            return None
-        version = mlflow.register_model(info.model_uri, registered_model)
-        _client(tracking_uri).set_registered_model_alias(registered_model, alias, version.version)
-        mlflow.set_tag("bitray.registered_model", f"{MODELS_SCHEME}{registered_model}@{alias}")
-        return str(version.version)
+    return info.model_uri
+
+
+def register_version(tracking_uri: str, model_uri: str, name: str, tags: Mapping[str, str]) -> str:
+    """Register ``model_uri`` as a new version of ``name`` with ``tags``; returns the version."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    version = str(mlflow.register_model(model_uri, name).version)
+    client = _client(tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return version
+
+
+def alias_holder(tracking_uri: str, name: str, alias: str) -> tuple[str, dict[str, str]] | None:
+    """``(version, tags)`` of the version ``name@alias`` points at, or ``None``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        held = _client(tracking_uri).get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such alias (or no such model) yet
+        return None
+    return str(held.version), dict(held.tags)
+
+
+def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
+    _client(tracking_uri).set_registered_model_alias(name, alias, version)
+
+
+def log_evaluation(
+    tracking_uri: str, run_id: str, summary: Mapping[str, float], directory: Path, step: int
+) -> None:
+    """The evaluation's figures as metrics at ``step`` and its files under ``evaluation/``."""
+    client = _client(tracking_uri)
+    client.log_batch(run_id, metrics=_metrics(summary, step))
+    client.log_artifacts(run_id, str(directory), "evaluation")
 
 
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
@@ -233,16 +343,61 @@ except ImportError:  # pragma: no cover - mlflow is a dependency
     PythonModel = object  # type: ignore[misc,assignment]
 
 
+TOP_K = 5
+
+
+def classifier_signature():  # noqa: ANN201 - mlflow.models.ModelSignature
+    """Images in, per image the best label and score plus the top-k labels and probabilities out."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 3))]),
+        outputs=Schema(
+            [
+                ColSpec("string", "label"),
+                ColSpec("double", "score"),
+                ColSpec(Array("string"), "top_k_labels"),
+                ColSpec(Array("double"), "top_k_scores"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("top_k", "long", TOP_K)]),
+    )
+
+
 class BitClassifier(PythonModel):
-    """pyfunc face of a fine-tuned model: float images [b, h, w, 3] in [0, 1] -> class logits."""
+    """pyfunc face of a fine-tuned model: float32 images ``[b, h, w, 3]`` in [0, 1] -> per image, ``label``
+    and ``score`` (the most probable class and its softmax probability) and the ``top_k`` (param,
+    default 5) ``top_k_labels`` with their ``top_k_scores``. Class names come from the classifier
+    SavedModel's ``labels.txt`` (``class_<i>`` when it has none)."""
 
     def load_context(self, context) -> None:  # noqa: ANN001 - mlflow's context type
         import tensorflow as tf  # bitray (imported with this module) selected Keras 2 already
 
-        self._model = tf.saved_model.load(context.artifacts[CLASSIFIER])
+        from bitray.model.weights import read_class_names
+
+        directory = Path(context.artifacts[CLASSIFIER])
+        self._model = tf.saved_model.load(str(directory))
+        self._classes = read_class_names(directory)
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import numpy as np
+        import pandas as pd
         import tensorflow as tf
 
-        return self._model(tf.constant(np.asarray(model_input, np.float32))).numpy()
+        logits = self._model(tf.constant(np.asarray(model_input, np.float32))).numpy()
+        probabilities = tf.nn.softmax(logits, axis=-1).numpy()
+        classes = self._classes or [f"class_{i}" for i in range(logits.shape[1])]
+        k = min(int((params or {}).get("top_k", TOP_K)), logits.shape[1])
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        return pd.DataFrame(
+            {
+                "label": [classes[row[0]] for row in order],
+                "score": [float(p[row[0]]) for p, row in zip(probabilities, order, strict=True)],
+                "top_k_labels": [[classes[i] for i in row] for row in order],
+                "top_k_scores": [
+                    [float(p[i]) for i in row] for p, row in zip(probabilities, order, strict=True)
+                ],
+            }
+        )

@@ -38,6 +38,7 @@ def digits_dir(tmp_path_factory) -> Path:
 
 def test_finetune_digits_from_s3_two_workers(s3_server, s3_bucket, ray_local, mlflow_tracking_uri, tmp_path):
     import mlflow
+    import tensorflow as tf
     from mlflow import MlflowClient
 
     from bitray.finetune import run_finetune
@@ -94,7 +95,14 @@ def test_finetune_digits_from_s3_two_workers(s3_server, s3_bucket, ray_local, ml
     assert exported.feature_dim == registered.feature_dim
     np.testing.assert_allclose(exported.model(images).numpy(), registered.model(images).numpy(), atol=1e-5)
     classifier = mlflow.pyfunc.load_model("models:/digits-tiny@champion")
-    assert classifier.predict(images).shape == (4, 10)
+    predicted = classifier.predict(images)
+    assert len(predicted) == 4 and set(predicted["label"]) <= set("0123456789")
+    assert [len(k) for k in predicted["top_k_labels"]] == [5] * 4
+    assert classifier.metadata.signature is not None
+    loaded = load_model("models:/digits-tiny@champion", classifier=True)
+    assert loaded.class_names == [str(d) for d in range(10)]
+    probabilities = tf.nn.softmax(loaded.model(images)).numpy()
+    np.testing.assert_allclose(predicted["score"], probabilities.max(axis=1), atol=1e-5)
 
 
 def _digit_image(index: int) -> np.ndarray:
@@ -187,7 +195,7 @@ def test_two_workers_and_accumulation_match_one_worker(ray_local, tmp_path):
         import tensorflow as tf
         import tf_keras
 
-        from bitray.finetune import _make_train_step
+        from bitray.finetune.loop import make_train_step
         from bitray.model import load_model
 
         ctx = ray.train.get_context()
@@ -203,7 +211,7 @@ def test_two_workers_and_accumulation_match_one_worker(ray_local, tmp_path):
                 model = load_model("random:tiny", num_classes=10, trainable=True).model
                 optimizer = tf_keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
                 optimizer.build(model.trainable_variables)
-            step = _make_train_step(strategy, model, optimizer, batch, accumulation)
+            step = make_train_step(strategy, model, optimizer, batch, accumulation)
             for s in range(3):
                 # this worker's share of the global batch
                 local_x, local_y = x[s][rank::world], y[s][rank::world]
@@ -237,3 +245,47 @@ def _fresh_tiny():  # noqa: ANN202 - tf_keras.Model
     from bitray.model import load_model
 
     return load_model("random:tiny", num_classes=10).model
+
+
+def test_one_and_five_shot_train_at_the_hyperrule_batch(digits_dir, ray_local, mlflow_tracking_uri, tmp_path):
+    """10 and 50 training images with batch 512 (the HyperRule's): the set is repeated to fill batches."""
+    from mlflow import MlflowClient
+
+    from bitray.finetune import run_finetune
+
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri)
+    for shots in (1, 5):
+        config = FinetuneConfig(
+            data=str(digits_dir),
+            examples_per_class=shots,
+            output=str(tmp_path / f"model-{shots}"),
+            boundaries=[1, 2, 3],
+            name=f"digits-{shots}-shot",
+            storage_path=str(tmp_path / "runs"),
+            tracking_uri=mlflow_tracking_uri,
+            model="random:tiny",
+            resize=32,
+            crop=28,
+            cache_decoded=False if shots == 1 else None,  # 1-shot: the encoded-bytes cache, decoded per epoch
+        )
+        assert config.batch_size == 512 and config.micro_batch is None
+        result = run_finetune(config)
+        assert result.steps == 3 and result.exported_step == 3
+
+        run = client.get_run(result.mlflow_run_id)
+        params = run.data.params
+        assert params["train_size"] == str(10 * shots) and params["examples_per_class"] == str(shots)
+        assert params["batch_size"] == "512" and params["val_size"] == "359"
+        assert params["resolution_median_area"] == "64"  # 8x8 digits: the small-image rule
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+        assert {
+            f"evaluation/{n}" for n in ("confusion_matrix.png", "confusion_matrix.csv", "mistakes.png")
+        } <= artifacts
+        top1 = client.get_metric_history(run.info.run_id, "eval/top1")[-1].value
+        assert top1 == pytest.approx(result.val_top1)
+        # the default registered name comes from the data set; the promotion decision is on the run
+        assert (
+            run.data.tags["bitray.registered_model"] == f"models:/bitray-{digits_dir.name}/{shots // 5 + 1}"
+        )
+        assert run.data.tags["bitray.promotion"] in ("moved", "kept")
+        assert Path(result.classifier_uri, "assets", "labels.txt").read_text().split() == list("0123456789")

@@ -143,3 +143,90 @@ def test_cli_rejects_a_worker_count_that_does_not_divide_the_batch(tmp_path, cap
                  "--workers", "3", "--batch-size", "64", "--model", "random:tiny"])
     assert code == 2
     assert "must be divisible by workers 3" in capsys.readouterr().err
+
+
+def _sized(path: Path, width: int, height: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(path)
+
+
+def test_few_shot_draws_k_per_class_seeded():
+    paths = [f"/d/{c}/{i}.png" for c in "abc" for i in range(6)]
+    labelled = bdata.LabelledSet(paths, [i // 6 for i in range(18)], ["a", "b", "c"])
+    five = bdata.few_shot(labelled, 5, seed=3)
+    assert sorted(five.labels) == [0] * 5 + [1] * 5 + [2] * 5 and five.classes == labelled.classes
+    assert five == bdata.few_shot(labelled, 5, seed=3) and five != bdata.few_shot(labelled, 5, seed=4)
+    assert len(bdata.few_shot(labelled, 1)) == 3
+    with pytest.raises(BitrayError, match=r"examples_per_class 7: class\(es\) \['a', 'b', 'c'\]"):
+        bdata.few_shot(labelled, 7)
+
+
+def test_resolution_comes_from_the_median_of_a_header_sample(tmp_path):
+    # sorted first: a large image, which alone used to decide; most images are thumbnails
+    _sized(tmp_path / "a" / "0000.png", 640, 480)
+    for i in range(1, 8):
+        _sized(tmp_path / "a" / f"{i:04d}.png", 64, 48)
+    (tmp_path / "a" / "0008.png").write_bytes(b"not an image")  # skipped, not fatal
+    paths = [str(p) for p in sorted((tmp_path / "a").iterdir())]
+    sample = bdata.median_image_area(paths, sample=256, seed=0)
+    assert (sample.median_area, sample.sampled, sample.skipped) == (64 * 48, 8, 1)
+    small = bdata.median_image_area(paths, sample=3, seed=1)
+    assert small.sampled + small.skipped == 3
+    assert small == bdata.median_image_area(paths, sample=3, seed=1)
+    with pytest.raises(BitrayError, match=r"none of the 1 sampled images"):
+        bdata.median_image_area([paths[-1]])
+
+
+def test_digest_names_the_set_not_its_order():
+    one = bdata.LabelledSet(["x", "y"], [0, 1], ["a", "b"])
+    assert one.digest() == bdata.LabelledSet(["y", "x"], [1, 0], ["a", "b"]).digest()
+    assert one.digest() != bdata.LabelledSet(["x", "y"], [1, 0], ["a", "b"]).digest()
+
+
+def test_an_epoch_without_a_batch_fails_at_once():
+    from bitray.finetune.loop import endless_batches
+
+    class EmptyShard:  # every image of the shard was undecodable
+        def iter_batches(self, **kwargs):
+            return iter(())
+
+    with pytest.raises(BitrayError, match=r"cannot form a batch of 512 images"):
+        next(endless_batches(EmptyShard(), 512))
+
+
+def test_mixup_draws_one_lambda_per_optimizer_step():
+    from bitray.finetune.loop import mixup_step
+
+    images = np.zeros((2, 3, 1, 1, 1), np.float32)
+    images[0] = 1.0  # micro-batch 0 all ones, micro-batch 1 all zeros
+    onehot = np.tile(np.eye(2, dtype=np.float32)[[0]], (2, 3, 1))
+    onehot[1] = np.eye(2, dtype=np.float32)[[1]]
+    mixed, targets = mixup_step(images, onehot, 0.1, np.random.default_rng(0))
+    assert mixed.shape == images.shape and targets.shape == onehot.shape
+    # one lambda for all six images: each is lam, 1 - lam, 0 or 1, and the targets agree with the pixels
+    lam = float(np.random.default_rng(0).beta(0.1, 0.1))
+    allowed = np.array([0.0, 1.0, lam, 1 - lam])
+    assert np.abs(mixed.reshape(-1, 1) - allowed).min(axis=1).max() < 1e-6
+    np.testing.assert_allclose(targets[..., 0], mixed[..., 0, 0, 0], atol=1e-6)
+
+
+def test_prefetcher_runs_ahead_and_hands_over_errors():
+    import threading
+
+    from bitray.finetune.loop import Prefetcher
+
+    produced = []
+    lock = threading.Lock()
+
+    def produce() -> int:
+        with lock:
+            produced.append(len(produced))
+            if len(produced) == 4:
+                raise BitrayError("no more")
+            return produced[-1]
+
+    ahead = Prefetcher(produce, depth=2)
+    assert [ahead.next() for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(BitrayError, match="no more"):
+        ahead.next()
+    ahead.stop()

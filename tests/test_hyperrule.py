@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bitray import hyperrule
+from bitray.config import FinetuneConfig
 from bitray.errors import BitrayError
 
 
@@ -90,7 +91,7 @@ def test_mixup_on_from_20k() -> None:
 
 
 def test_resolve_defaults_follow_the_paper() -> None:
-    hp = hyperrule.resolve(50_000, (32, 32))
+    hp = hyperrule.resolve(FinetuneConfig(), 50_000, 32 * 32)
     assert hp.boundaries == [500, 3000, 6000, 9000, 10000]
     assert (hp.base_lr, hp.momentum, hp.batch_size, hp.weight_decay) == (0.003, 0.9, 512, 0.0)
     assert (hp.resize, hp.crop, hp.mixup_alpha) == (160, 128, 0.1)
@@ -99,21 +100,15 @@ def test_resolve_defaults_follow_the_paper() -> None:
 
 
 def test_resolve_overrides() -> None:
-    hp = hyperrule.resolve(
-        1_797,
-        (8, 8),
-        total_steps=100,
-        batch_size=64,
-        micro_batch=16,
-        base_lr=0.03,
-        resize=32,
-        crop=28,
-        mixup=0.2,
+    config = FinetuneConfig(
+        steps=100, batch_size=64, micro_batch=16, base_lr=0.03, resize=32, crop=28, mixup_alpha=0.2
     )
+    hp = hyperrule.resolve(config, 1_797, 64)
     assert hp.boundaries == [20, 40, 60, 80, 100]
     assert (hp.batch_size, hp.micro_batch, hp.accumulation_steps) == (64, 16, 4)
     assert (hp.resize, hp.crop, hp.mixup_alpha, hp.base_lr) == (32, 28, 0.2, 0.03)
-    assert hyperrule.resolve(1_797, (8, 8), boundaries=[5, 9]).boundaries == [5, 9]
+    assert hyperrule.resolve(FinetuneConfig(boundaries=[5, 9]), 1_797, 64).boundaries == [5, 9]
+    assert hyperrule.resolve(FinetuneConfig(resolution="released"), 1_797, 96 * 96).crop == 480
     params = hp.as_params()
     assert params["boundaries"] == "20,40,60,80,100" and params["total_steps"] == 100
 
@@ -125,12 +120,12 @@ def test_resolve_overrides() -> None:
         {"boundaries": [100, 50]},
         {"batch_size": 512, "micro_batch": 100},
         {"resize": 32, "crop": 64},
-        {"total_steps": 2},
+        {"steps": 2},
     ],
 )
 def test_resolve_rejects_bad_overrides(kwargs: dict) -> None:
     with pytest.raises(BitrayError):
-        hyperrule.resolve(1_797, (8, 8), **kwargs)
+        hyperrule.resolve(FinetuneConfig(**kwargs), 1_797, 64)
 
 
 def test_empty_dataset_is_an_error() -> None:

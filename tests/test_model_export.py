@@ -25,7 +25,10 @@ IMAGES = np.random.default_rng(0).random((4, 48, 48, 3), np.float32)
 
 @pytest.fixture(scope="module")
 def classifier() -> LoadedModel:
-    return random_head_classifier(3)
+    loaded = random_head_classifier(3)
+    loaded.class_names = ["cat", "dog", "owl"]
+    loaded.image_size = 48
+    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +172,33 @@ def test_cli_errors_are_messages(argv: list[str], message: str, capsys: pytest.C
     err = capsys.readouterr().err
     assert err.startswith("bitray: error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_exports_carry_their_class_names(classifier: LoadedModel, exports: dict[str, Path]) -> None:
+    directory = exports["classifier"]
+    assert (directory / "assets" / "labels.txt").read_text() == "cat\ndog\nowl\n"
+    module = tf.saved_model.load(str(directory))
+    assert [n.decode() for n in module.class_names()["class_names"].numpy()] == ["cat", "dog", "owl"]
+    signature = module.signatures["class_names"]()["class_names"].numpy()
+    assert [n.decode() for n in signature] == ["cat", "dog", "owl"]
+    served = module.signatures["serving_default"](images=tf.constant(IMAGES))
+    np.testing.assert_allclose(served["probabilities"].numpy(), tf.nn.softmax(served["logits"]).numpy())
+    loaded = load_model(f"savedmodel:{directory}", classifier=True)  # no class count to know beforehand
+    assert loaded.class_names == ["cat", "dog", "owl"] and loaded.num_classes == 3
+    assert loaded.image_size == 48
+    np.testing.assert_allclose(loaded.model(IMAGES).numpy(), classifier.model(IMAGES).numpy(), atol=1e-4)
+    assert load_model(f"savedmodel:{exports['features']}").class_names == ["cat", "dog", "owl"]
+    with pytest.raises(BitrayError, match=r"not a classifier export"):
+        load_model(f"savedmodel:{exports['features']}", classifier=True)
+
+
+def test_exports_are_portable_and_convert_to_tflite(classifier: LoadedModel, exports: dict[str, Path]):
+    for directory in exports.values():  # no function the runtime must hand to XLA
+        assert b"_XlaMustCompile" not in (directory / "saved_model.pb").read_bytes()
+    images = IMAGES[:2, :32, :32]
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(exports["classifier"]), ["serving_default"])
+    interpreter = tf.lite.Interpreter(model_content=converter.convert())
+    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], images.shape)
+    interpreter.allocate_tensors()
+    outputs = interpreter.get_signature_runner("serving_default")(images=images)
+    np.testing.assert_allclose(outputs["logits"], classifier.model(images).numpy(), atol=1e-4)

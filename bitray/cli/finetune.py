@@ -25,6 +25,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, metavar="N", help="total steps (default: by the HyperRule)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="global batch (default 512)")
     parser.add_argument("--micro-batch", type=int, metavar="N", help="global images per pass (accumulate)")
+    parser.add_argument(
+        "--examples-per-class", type=int, metavar="K", help="few-shot: a seeded draw of K images per class"
+    )
+    parser.add_argument(
+        "--promote",
+        choices=("if_better", "always"),
+        help="move the registry alias: on merit (default) or always",
+    )
     parser.add_argument("--name", metavar="NAME", help="run name; the same name resumes a run")
     parser.add_argument("--address", metavar="ADDR", help="Ray cluster (default: RAY_ADDRESS or local)")
     parser.set_defaults(func=run)
@@ -45,9 +53,12 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "micro_batch": args.micro_batch,
         "name": args.name,
+        "examples_per_class": args.examples_per_class,
+        "promote": args.promote,
     }
     config = load_config(FinetuneConfig, args.config, overrides)
     result = run_finetune(config, address=args.address)
     print(json.dumps(asdict(result), indent=2))
     print(f"bitray: embed with it: bitray embed --model savedmodel:{result.feature_vector_uri} ...")
+    print(f"bitray: classify with it: load_model('savedmodel:{result.classifier_uri}', classifier=True)")
     return 0

@@ -10,7 +10,10 @@ Models take float32 images ``[batch, h, w, 3]`` in [0, 1] (like the TF-Hub modul
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -101,6 +104,25 @@ class StandardizedConv2D(tf_keras.layers.Conv2D):
         return {**super().get_config(), "standardize": self.standardize}
 
 
+_PORTABLE = threading.local()
+
+
+@contextlib.contextmanager
+def portable_ops() -> Iterator[None]:
+    """Trace BiT with plain TensorFlow ops only: no must-compile XLA function (``_scale_shift_relu``).
+
+    Exported SavedModels are traced inside this block, so TF Serving, TFLite and other converters see
+    ordinary ``Mul``/``AddV2``/``Relu`` ops and no input shape triggers an XLA compile; in-process
+    inference and training keep the fused path.
+    """
+    previous = getattr(_PORTABLE, "on", False)
+    _PORTABLE.on = True
+    try:
+        yield
+    finally:
+        _PORTABLE.on = previous
+
+
 @tf.function(jit_compile=True)
 def _scale_shift_relu(inputs: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
     """``relu(inputs * scale + offset)`` compiled by XLA into one pass over the activations.
@@ -160,6 +182,8 @@ class GroupNorm(tf_keras.layers.Layer):
         offset = tf.reshape(self.beta, per_group) - mean * scale
         scale, offset = tf.reshape(scale, per_channel), tf.reshape(offset, per_channel)
         if self.relu:
+            if getattr(_PORTABLE, "on", False):
+                return tf.nn.relu(inputs * scale + offset)
             return _scale_shift_relu(inputs, scale, offset)
         return inputs * scale + offset
 

@@ -9,6 +9,13 @@ the kernels), so gradients flow through it exactly as during BiT's own training.
 
 A ``serving_default`` signature serves TF Serving, and ``assets.extra/bitray.json`` records the model id,
 variant and output size for ``savedmodel:DIR``.
+
+Portable: the functions are traced under ``bit.portable_ops()``, so the SavedModel holds no must-compile
+XLA function (the in-process model keeps its fused Group Norm + ReLU); it converts with
+``tf.lite.TFLiteConverter.from_saved_model``. A model that knows its classes (``loaded.class_names``)
+carries them three ways: the asset ``assets/labels.txt`` (one name a line, in logit order), the
+``class_names()`` function of the loaded object, and the ``class_names`` signature; the classifier's
+``serving_default`` returns ``logits`` and ``probabilities``.
 """
 
 from __future__ import annotations
@@ -25,12 +32,19 @@ from bitray import __version__
 from bitray import storage as st
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
-from bitray.model.weights import METADATA_FILE, LoadedModel, features_model, require_raw_weights
+from bitray.model.bit import portable_ops
+from bitray.model.weights import (
+    LABELS_FILE,
+    METADATA_FILE,
+    LoadedModel,
+    features_model,
+    require_raw_weights,
+)
 
 IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
 
 
-def _module(net, output: str) -> tf.train.Checkpoint:  # noqa: ANN001 - net is a tf_keras.Model
+def _module(net, output: str, labels: Path | None) -> tf.train.Checkpoint:  # noqa: ANN001 - tf_keras.Model
     """The object ``tf.saved_model.save`` writes: the network's variables and its traced functions."""
 
     # `training` is a tensor, so one trace serves both values; hub.KerasLayer passes it by keyword
@@ -40,7 +54,10 @@ def _module(net, output: str) -> tf.train.Checkpoint:  # noqa: ANN001 - net is a
 
     @tf.function(input_signature=[IMAGES])
     def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {output: net(images, training=False)}
+        values = net(images, training=False)
+        if output == "logits":
+            return {"logits": values, "probabilities": tf.nn.softmax(values, axis=-1)}
+        return {output: values}
 
     module = tf.train.Checkpoint()
     # only the variables and the traced functions are saved, not the Keras objects: Keras would trace
@@ -51,6 +68,18 @@ def _module(net, output: str) -> tf.train.Checkpoint:  # noqa: ANN001 - net is a
     module.regularization_losses = []
     module.__call__ = call
     module.serve = serve
+    with portable_ops():  # trace now, with plain ops: saving reuses these traces
+        call.get_concrete_function()
+        serve.get_concrete_function()
+    if labels is not None:
+        names = labels.read_text(encoding="utf-8").splitlines()
+        module.labels_file = tf.saved_model.Asset(str(labels))
+
+        @tf.function(input_signature=[])
+        def class_names() -> dict[str, tf.Tensor]:
+            return {"class_names": tf.constant(names, tf.string)}
+
+        module.class_names = class_names
     return module
 
 
@@ -74,19 +103,34 @@ def export_savedmodel(
     if st.exists(target, storage):
         raise BitrayError(f"{target!r} already exists; choose a new --output or remove it first")
     output = "logits" if classifier else "features"
-    module = _module(net, output)
+    names = loaded.class_names
+    if classifier and names is not None and len(names) != loaded.num_classes:
+        raise BitrayError(f"{len(names)} class names given for a {loaded.num_classes}-class head")
+    if names is not None and any("\n" in name or not name for name in names):
+        raise BitrayError("class names must be non-empty and on one line each (they go to labels.txt)")
     metadata = {
         "model_id": loaded.model_id,
         "arch": loaded.arch,
         "feature_dim": loaded.feature_dim,
         "num_classes": loaded.num_classes if classifier else None,
+        "class_names": LABELS_FILE if names is not None else None,
+        "image_size": loaded.image_size,
         "output": output,
         "input": "float32 images [batch, height, width, 3] with values in [0, 1]",
         "bitray_version": __version__,
     }
     with tempfile.TemporaryDirectory(prefix=".bitray-export-") as tmp:
         staging = Path(tmp) / "model"
-        tf.saved_model.save(module, str(staging), signatures={"serving_default": module.serve})
+        labels = None
+        if names is not None:
+            labels = Path(tmp) / "labels.txt"
+            labels.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+        module = _module(net, output, labels)
+        signatures = {"serving_default": module.serve}
+        if labels is not None:
+            signatures["class_names"] = module.class_names
+        with portable_ops():
+            tf.saved_model.save(module, str(staging), signatures=signatures)
         (staging / METADATA_FILE).parent.mkdir(parents=True, exist_ok=True)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         if st.is_remote(target):

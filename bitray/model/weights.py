@@ -48,6 +48,7 @@ HUB_URL = "https://tfhub.dev/google/bit/{name}/1"
 HEAD_KERNEL = "resnet/head/conv2d/kernel"
 HEAD_BIAS = "resnet/head/conv2d/bias"
 METADATA_FILE = "assets.extra/bitray.json"
+LABELS_FILE = "assets/labels.txt"
 SPEC_HELP = (
     "use bit-s-r101x1 (TF-Hub), hub:URL, npz:PATH, savedmodel:DIR, models:/NAME@ALIAS (MLflow) "
     "or random:ARCH (e.g. random:tiny)"
@@ -63,6 +64,10 @@ class LoadedModel:
     arch: str | None
     feature_dim: int
     num_classes: int | None = None
+    class_names: list[str] | None = None
+    """The class of each logit, in order, for a model that knows them (a fine-tuned export's labels)."""
+    image_size: int | None = None
+    """The side images were fed at in training's evaluation (a fine-tune's crop), when known."""
 
     def inference_function(self) -> Callable[[Any], Any]:
         """The model as one traced TF graph for inference (``training=False``), any batch and image size.
@@ -96,11 +101,14 @@ def load_model(
     trainable: bool = False,
     storage: StorageConfig | None = None,
     arch: str | None = None,
+    classifier: bool = False,
 ) -> LoadedModel:
     """Build the model a spec names.
 
     ``num_classes`` adds a logits head (loaded from the checkpoint when its class count matches, else
-    zero-initialised with a warning). ``arch`` checks an ``npz:`` file's variant. For inference only,
+    zero-initialised with a warning). ``classifier=True`` asks for a fine-tuned classifier export as it
+    is (``savedmodel:`` of a classifier dir, or ``models:/NAME@ALIAS``'s classifier part): its head and
+    ``class_names`` come from the SavedModel. ``arch`` checks an ``npz:`` file's variant. For inference only,
     ``bitray.model.bit.fold_weight_standardization(loaded.model)`` standardizes the kernels once.
     """
     if num_classes is not None and num_classes < 1:
@@ -112,12 +120,13 @@ def load_model(
     elif kind == "npz":
         loaded = _from_npz(rest, num_classes, arch, storage)
     elif kind == "savedmodel":
-        loaded = _from_savedmodel(rest, num_classes, trainable, storage)
+        loaded = _from_savedmodel(rest, num_classes, trainable, storage, classifier)
     elif kind == "models":  # an MLflow registered model: models:/<name>@<alias> or models:/<name>/<version>
         from bitray.tracking import CLASSIFIER, FEATURE_VECTOR, resolve_registered_model
 
-        part = FEATURE_VECTOR if num_classes is None else CLASSIFIER
-        loaded = _from_savedmodel(str(resolve_registered_model(spec, part)), num_classes, trainable, storage)
+        part = CLASSIFIER if classifier or num_classes is not None else FEATURE_VECTOR
+        local = str(resolve_registered_model(spec, part))
+        loaded = _from_savedmodel(local, num_classes, trainable, storage, classifier)
     elif kind == "hub":
         loaded = _from_hub(rest, num_classes, trainable)
     else:  # bit-s-r101x1
@@ -282,7 +291,19 @@ def read_metadata(module_dir: Path) -> dict:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
-def _from_savedmodel(uri: str, num_classes: int | None, trainable: bool, storage: StorageConfig | None):
+def read_class_names(module_dir: Path) -> list[str] | None:
+    """The class names a SavedModel carries in ``assets/labels.txt`` (one a line, in logit order)."""
+    labels = module_dir / LABELS_FILE
+    return labels.read_text(encoding="utf-8").splitlines() if labels.is_file() else None
+
+
+def _from_savedmodel(
+    uri: str,
+    num_classes: int | None,
+    trainable: bool,
+    storage: StorageConfig | None,
+    classifier: bool = False,
+) -> LoadedModel:
     path = st.copy_to_local(uri, storage)
     if not (path / "saved_model.pb").is_file():
         raise BitrayError(
@@ -290,10 +311,18 @@ def _from_savedmodel(uri: str, num_classes: int | None, trainable: bool, storage
             "write one with 'bitray model export' or use npz: for a .npz checkpoint"
         )
     meta = read_metadata(path)
-    model, width = _hub_model(str(path), num_classes, trainable, meta.get("num_classes"))
+    in_module = meta.get("num_classes")
+    if classifier:
+        if in_module is None:
+            raise BitrayError(f"savedmodel:{uri} is not a classifier export (it gives features, no logits)")
+        num_classes = num_classes or in_module
+    model, width = _hub_model(str(path), num_classes, trainable, in_module)
     model_id = meta.get("model_id") or f"savedmodel:{_checkpoint_name(uri)}"
     feature_dim = meta.get("feature_dim", width)
-    return LoadedModel(model, model_id, meta.get("arch"), feature_dim, num_classes)
+    names = read_class_names(path)
+    return LoadedModel(
+        model, model_id, meta.get("arch"), feature_dim, num_classes, names, meta.get("image_size")
+    )
 
 
 def _from_hub(handle: str, num_classes: int | None, trainable: bool) -> LoadedModel:
