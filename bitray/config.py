@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -103,6 +103,11 @@ class EmbedConfig(Section):
     """Embed only object versions not yet recorded under ``output`` (new or changed objects)."""
     lock_ttl_s: float = Field(120.0, gt=0)
     """The output lock expires this long after its last heartbeat (a crashed run's lock is taken over)."""
+    task: Literal["embed", "classify"] = "embed"
+    """``classify`` (``bitray predict``): a fine-tuned classifier's labels instead of embeddings, written to
+    ``OUT/predictions/`` with the same exactly-once runs."""
+    top_k: int = Field(5, ge=1)
+    """``classify``: how many of the most probable labels each prediction row lists."""
     index: str | None = None
     """After the run, add the output's newly finished runs to the nearest-neighbour index at this URI (as
     ``bitray index --embeddings OUTPUT --index URI`` does; built on first use); ``null``: no index."""

@@ -17,6 +17,7 @@ from bitray.errors import BitrayError
 COMMANDS = (
     "bitray.cli.model",
     "bitray.cli.embed",
+    "bitray.cli.predict",
     "bitray.cli.finetune",
     "bitray.cli.data",
     "bitray.cli.jobs",

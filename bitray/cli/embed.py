@@ -131,8 +131,8 @@ def parse_actors(text: str | None) -> dict[str, int]:
         raise BitrayError(f"--actors {text!r}: write MIN or MIN:MAX, e.g. 1:4") from None
 
 
-def print_summary(summary) -> None:  # noqa: ANN001 - bitray.embed.RunSummary, imported lazily
-    print(f"bitray: embeddings in {summary.output}/embeddings/, errors in {summary.output}/errors/")
+def print_summary(summary, kind: str = "embeddings") -> None:  # noqa: ANN001 - bitray.embed.RunSummary
+    print(f"bitray: {kind} in {summary.output}/{kind}/, errors in {summary.output}/errors/")
     print(json.dumps(summary.to_dict(), indent=2))
 
 

@@ -1,35 +1,108 @@
-"""The model stage: an actor that loads BiT once and turns decoded uint8 pixels into embedding rows.
+"""The model stage: an actor that loads BiT once and turns decoded uint8 pixels into result rows.
 
 An actor keeps nothing between calls: each call maps one block of decoded rows to one block of output
-rows (embedding, or the error carried from the CPU stage, or ``embed`` when the model gave non-finite
-features). Writing files is the next stage's job, so the model never waits on storage.
+rows (an embedding or a class prediction, or the error carried from the CPU stage, or ``embed`` when
+the model gave non-finite outputs). What a result row holds is the head's business (``FeatureHead``,
+``ClassHead``), chosen once per actor. Writing files is the next stage's job, so the model never waits
+on storage.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from bitray.config import StorageConfig
+from bitray.errors import BitrayError
+
+if TYPE_CHECKING:  # the driver imports this module and must not import TensorFlow
+    from bitray.model.weights import LoadedModel
 
 log = logging.getLogger(__name__)
 
 PASSED_THROUGH = ("row", "path", "etag", "size", "mtime_ns", "width", "height")
 
 
+class FeatureHead:
+    """``task: embed``: the model's features as an ``embedding`` column."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.dim = loaded.feature_dim
+
+    @property
+    def width(self) -> int:
+        return self.dim
+
+    def columns(self, outputs: np.ndarray, ok: np.ndarray) -> dict[str, pa.Array]:
+        flat = pa.array(outputs.reshape(-1), pa.float32())
+        return {"embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim, mask=pa.array(~ok))}
+
+
+class ClassHead:
+    """``task: classify``: a classifier's logits as the top label, its probability and the top k."""
+
+    def __init__(self, loaded: LoadedModel, top_k: int) -> None:
+        if loaded.num_classes is None:
+            raise BitrayError(
+                f"{loaded.model_id} has no classifier head; give a fine-tuned classifier's export"
+            )
+        self.names = np.asarray(
+            loaded.class_names or [str(i) for i in range(loaded.num_classes)], dtype=object
+        )
+        if loaded.class_names is None:
+            log.warning("%s does not know its class names: labels are class indices", loaded.model_id)
+        self.k = min(top_k, loaded.num_classes)
+
+    @property
+    def width(self) -> int:
+        return len(self.names)
+
+    def columns(self, outputs: np.ndarray, ok: np.ndarray) -> dict[str, pa.Array]:
+        shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.k]
+        scores = np.take_along_axis(probabilities, order, axis=1).astype(np.float32)
+        mask = pa.array(~ok)
+        return {
+            "label": pa.array(list(self.names[order[:, 0]]), pa.string(), mask=~ok),
+            "score": pa.array(scores[:, 0], pa.float32(), mask=~ok),
+            "top_k_labels": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, order.size + 1, self.k, dtype=np.int32)),
+                pa.array(list(self.names[order].reshape(-1)), pa.string()),
+                mask=mask,
+            ),
+            "top_k_scores": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, order.size + 1, self.k, dtype=np.int32)),
+                pa.array(scores.reshape(-1), pa.float32()),
+                mask=mask,
+            ),
+        }
+
+
 class EmbedActor:
+    """Runs the model on decoded batches: embeddings (``task: embed``) or class predictions (``classify``)."""
+
     def __init__(
-        self, *, model_spec: str, storage: StorageConfig, threads: int, mixed_precision: bool
+        self,
+        *,
+        model_spec: str,
+        storage: StorageConfig,
+        threads: int,
+        mixed_precision: bool,
+        task: str = "embed",
+        top_k: int = 5,
     ) -> None:
         configure_tensorflow(threads=threads, mixed_precision=mixed_precision)
         import tensorflow as tf
 
         from bitray.model import load_model
 
-        self.loaded = load_model(model_spec, storage=storage)
+        self.loaded = load_model(model_spec, storage=storage, classifier=task == "classify")
+        self.head = ClassHead(self.loaded, top_k) if task == "classify" else FeatureHead(self.loaded)
         model = self.loaded.model
         spec = tf.TensorSpec([None, None, None, 3], tf.uint8)
         # uint8 in, scaled inside the traced graph: no float32 copy of the pixels on the Python side
@@ -37,25 +110,23 @@ class EmbedActor:
             lambda images: model(tf.cast(images, tf.float32) * (1 / 255), training=False),
             input_signature=[spec],
         )
-        self.dim = self.loaded.feature_dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         stage = np.asarray(batch["stage"], dtype=object)
         error = np.asarray(batch["error"], dtype=object)
         ok = np.array([s is None for s in stage], bool)
-        features = np.zeros((len(ok), self.dim), np.float32)
+        outputs = np.zeros((len(ok), self.head.width), np.float32)
         if ok.any():
-            features[ok] = np.asarray(self.forward(batch["pixels"][ok]), np.float32)
-        bad = ok & ~np.isfinite(features).all(axis=1)
-        stage[bad], error[bad] = "embed", "ValueError: the model gave non-finite features"
+            outputs[ok] = np.asarray(self.forward(batch["pixels"][ok]), np.float32)
+        bad = ok & ~np.isfinite(outputs).all(axis=1)
+        stage[bad], error[bad] = "embed", "ValueError: the model gave non-finite outputs"
         ok &= ~bad
-        flat = pa.array(features.reshape(-1), pa.float32())
-        embedding = pa.FixedSizeListArray.from_arrays(flat, self.dim, mask=pa.array(~ok))
+        outputs[~ok] = 0.0
         columns = {name: batch[name] for name in PASSED_THROUGH}
         return pa.table(
             {
                 **columns,
-                "embedding": embedding,
+                **self.head.columns(outputs, ok),
                 "model": pa.array([self.loaded.model_id] * len(ok), pa.string()),
                 "stage": pa.array(list(stage), pa.string()),
                 "error": pa.array(list(error), pa.string()),

@@ -3,6 +3,7 @@
 ::
 
     OUT/embeddings/part-<run>-<uid>.parquet        embeddings: many images per file (``rows_per_file``)
+    OUT/predictions/part-<run>-<uid>.parquet       instead of embeddings for a classifier (``task: classify``)
     OUT/errors/part-<run>-<uid>.parquet            one row per image that could not be embedded
     OUT/_bitray/lock                               the output's lock (``bitray.locks``)
     OUT/_bitray/state/current.json                 incremental state: finished runs, recorded versions
@@ -57,7 +58,27 @@ def embeddings_schema(dim: int) -> pa.Schema:
     )
 
 
-DATA_KINDS = ("embeddings", "errors")
+def predictions_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("label", pa.string()),
+            ("score", pa.float32()),  # the softmax probability of ``label``
+            ("top_k_labels", pa.list_(pa.string())),
+            ("top_k_scores", pa.list_(pa.float32())),
+            ("model", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("etag", pa.string()),
+            ("size", pa.int64()),
+            ("mtime", pa.timestamp("ns", tz="UTC")),
+            ("run_id", pa.string()),
+        ]
+    )
+
+
+RESULT_KIND = {"embed": "embeddings", "classify": "predictions"}
+DATA_KINDS = ("embeddings", "predictions", "errors")
 
 
 def part_name(run_id: str, uid: str) -> str:

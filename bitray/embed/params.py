@@ -7,11 +7,13 @@ existence marks a run as begun.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bitray import __version__, storage
 from bitray.config import EmbedConfig, StorageConfig
-from bitray.embed.layout import OutputLayout
+from bitray.embed.layout import RESULT_KIND, OutputLayout
 from bitray.errors import BitrayError
 
 
@@ -58,10 +60,17 @@ class RunParams(BaseModel):
     cpus_per_actor: float | None
     mixed_precision: bool
     incremental: bool
+    task: Literal["embed", "classify"] = "embed"
+    top_k: int = 5
     inputs: list[str]
     counts: InputCounts
     manifest: list[ManifestPart]
     bitray_version: str = __version__
+
+    @property
+    def result_kind(self) -> str:
+        """Where the run's rows go: ``embeddings`` or ``predictions``."""
+        return RESULT_KIND[self.task]
 
     @property
     def rows(self) -> int:
@@ -85,6 +94,8 @@ class RunParams(BaseModel):
             cpus_per_actor=config.cpus_per_actor,
             mixed_precision=config.mixed_precision,
             incremental=config.incremental,
+            task=config.task,
+            top_k=config.top_k,
             inputs=[*config.inputs, *([config.manifest] if config.manifest else [])],
             counts=counts,
             manifest=manifest,

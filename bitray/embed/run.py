@@ -271,6 +271,8 @@ def _stream(
             "storage": layout.storage,
             "threads": resources.threads,
             "mixed_precision": params.mixed_precision and resources.gpus > 0,
+            "task": params.task,
+            "top_k": params.top_k,
         },
         compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
         num_gpus=resources.gpus,

@@ -1,5 +1,7 @@
 """The writer stage: a block of up to ``rows_per_file`` output rows -> staged Parquet files + a receipt.
 
+Result rows become an embeddings file (or, for a classifier, a predictions file).
+
 Ray bundles the actors' small blocks into one batch per call, so each call writes one embeddings file
 and, when some rows failed, one errors file, both staged (``bitray.embed.commit``), and returns the
 receipt the driver commits. Error rows travel in the same stream as embeddings (null embedding) and are
@@ -13,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bitray.embed.commit import Receipt, publisher_for
-from bitray.embed.layout import ERRORS_SCHEMA, OutputLayout, embeddings_schema
+from bitray.embed.layout import ERRORS_SCHEMA, OutputLayout, embeddings_schema, predictions_schema
 from bitray.embed.ranges import ranges_of
 
 ROW_GROUP_ROWS = 2048
@@ -22,12 +24,16 @@ ROW_GROUP_ROWS = 2048
 
 def write_files(batch: pa.Table, *, layout: OutputLayout, run_id: str) -> pa.Table:
     failed = batch.column("stage").is_valid()
-    embedded = _embeddings_table(batch.filter(pc.invert(failed)), run_id)
+    results = batch.filter(pc.invert(failed))
+    if "embedding" in batch.column_names:
+        kind, embedded = "embeddings", _embeddings_table(results, run_id)
+    else:
+        kind, embedded = "predictions", _predictions_table(results, run_id)
     errors = _errors_table(batch.filter(failed), run_id)
     publisher = publisher_for(layout)
     files = [
-        publisher.stage(kind, run_id, _parquet_bytes(table))
-        for kind, table in (("embeddings", embedded), ("errors", errors))
+        publisher.stage(name, run_id, _parquet_bytes(table))
+        for name, table in ((kind, embedded), ("errors", errors))
         if table.num_rows
     ]
     models = [m for m in pc.unique(embedded.column("model")).to_pylist() if m] if embedded.num_rows else []
@@ -60,6 +66,26 @@ def _embeddings_table(rows: pa.Table, run_id: str) -> pa.Table:
             "run_id": pa.array([run_id] * rows.num_rows, pa.string()),
         },
         schema=schema,
+    )
+
+
+def _predictions_table(rows: pa.Table, run_id: str) -> pa.Table:
+    return pa.table(
+        {
+            "path": rows.column("path"),
+            "label": rows.column("label"),
+            "score": rows.column("score"),
+            "top_k_labels": rows.column("top_k_labels"),
+            "top_k_scores": rows.column("top_k_scores"),
+            "model": rows.column("model"),
+            "width": rows.column("width").cast(pa.int32()),
+            "height": rows.column("height").cast(pa.int32()),
+            "etag": rows.column("etag"),
+            "size": rows.column("size"),
+            "mtime": _timestamps(rows),
+            "run_id": pa.array([run_id] * rows.num_rows, pa.string()),
+        },
+        schema=predictions_schema(),
     )
 
 
