@@ -195,10 +195,6 @@ class LeaseLock(Lock):
 
     def _acquire(self) -> None:
         watched: tuple[str, float] | None = None  # (tag, monotonic time first seen)
-        started = time.monotonic()
-        tag = self.object.create(self._body(1))  # a free lock costs one request
-        if tag is not None:
-            return self._acquired(tag, 1, started)
         while True:
             started = time.monotonic()
             current = self.object.read()
