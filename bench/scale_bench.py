@@ -184,6 +184,8 @@ def classify(method: str, path: str) -> str:
         return "output_write"
     if "list-type" in query and "prefix=in" in query:
         return "overhead_input_listing"
+    if key.endswith("/_bitray/lock"):
+        return "overhead_lock"  # acquire, release and a renewal every lock_ttl_s/4: grows with time
     return "overhead"
 
 
@@ -250,7 +252,7 @@ def counted_runs(images: int) -> dict:
                 proxy.counts.clear()
                 summary = run_embedding(config)
                 counts = dict(proxy.counts)
-                overhead = counts.get("overhead", 0) + counts.get("overhead_input_listing", 0)
+                overhead = sum(v for k, v in counts.items() if k.startswith("overhead"))
                 results[name] = {
                     "images": images,
                     "embedded": summary.embedded,
