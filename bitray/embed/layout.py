@@ -29,33 +29,28 @@ import pyarrow as pa
 from bitray import storage
 from bitray.config import StorageConfig
 
+_VERSION_FIELDS = [
+    ("etag", pa.string()),
+    ("size", pa.int64()),
+    ("mtime", pa.timestamp("ns", tz="UTC")),
+    ("run_id", pa.string()),
+]
+"""Which object version a row is about, and the run that wrote it: in every data file."""
+_RESULT_FIELDS = [("model", pa.string()), ("width", pa.int32()), ("height", pa.int32()), *_VERSION_FIELDS]
+"""Beside each result: the model id and the image's stored size."""
+
 ERRORS_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
         ("stage", pa.string()),  # read / decode / embed
         ("error", pa.string()),  # "Type: message"
-        ("etag", pa.string()),
-        ("size", pa.int64()),
-        ("mtime", pa.timestamp("ns", tz="UTC")),
-        ("run_id", pa.string()),
+        *_VERSION_FIELDS,
     ]
 )
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("path", pa.string()),
-            ("embedding", pa.list_(pa.float32(), dim)),
-            ("model", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("etag", pa.string()),
-            ("size", pa.int64()),
-            ("mtime", pa.timestamp("ns", tz="UTC")),
-            ("run_id", pa.string()),
-        ]
-    )
+    return pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32(), dim)), *_RESULT_FIELDS])
 
 
 def predictions_schema() -> pa.Schema:
@@ -66,13 +61,7 @@ def predictions_schema() -> pa.Schema:
             ("score", pa.float32()),  # the softmax probability of ``label``
             ("top_k_labels", pa.list_(pa.string())),
             ("top_k_scores", pa.list_(pa.float32())),
-            ("model", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("etag", pa.string()),
-            ("size", pa.int64()),
-            ("mtime", pa.timestamp("ns", tz="UTC")),
-            ("run_id", pa.string()),
+            *_RESULT_FIELDS,
         ]
     )
 

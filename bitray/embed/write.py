@@ -48,60 +48,40 @@ def write_files(batch: pa.Table, *, layout: OutputLayout, run_id: str) -> pa.Tab
 
 
 def _embeddings_table(rows: pa.Table, run_id: str) -> pa.Table:
-    embedding = rows.column("embedding").combine_chunks() if rows.num_rows else None
-    dim = rows.schema.field("embedding").type.list_size
-    schema = embeddings_schema(dim)
-    if embedding is None:
+    schema = embeddings_schema(rows.schema.field("embedding").type.list_size)
+    if not rows.num_rows:
         return schema.empty_table()
-    return pa.table(
-        {
-            "path": rows.column("path"),
-            "embedding": embedding,
-            "model": rows.column("model"),
-            "width": rows.column("width").cast(pa.int32()),
-            "height": rows.column("height").cast(pa.int32()),
-            "etag": rows.column("etag"),
-            "size": rows.column("size"),
-            "mtime": _timestamps(rows),
-            "run_id": pa.array([run_id] * rows.num_rows, pa.string()),
-        },
-        schema=schema,
-    )
+    columns = {"path": rows.column("path"), "embedding": rows.column("embedding").combine_chunks()}
+    return pa.table({**columns, **_result_columns(rows, run_id)}, schema=schema)
 
 
 def _predictions_table(rows: pa.Table, run_id: str) -> pa.Table:
-    return pa.table(
-        {
-            "path": rows.column("path"),
-            "label": rows.column("label"),
-            "score": rows.column("score"),
-            "top_k_labels": rows.column("top_k_labels"),
-            "top_k_scores": rows.column("top_k_scores"),
-            "model": rows.column("model"),
-            "width": rows.column("width").cast(pa.int32()),
-            "height": rows.column("height").cast(pa.int32()),
-            "etag": rows.column("etag"),
-            "size": rows.column("size"),
-            "mtime": _timestamps(rows),
-            "run_id": pa.array([run_id] * rows.num_rows, pa.string()),
-        },
-        schema=predictions_schema(),
-    )
+    names = ("path", "label", "score", "top_k_labels", "top_k_scores")
+    columns = {name: rows.column(name) for name in names}
+    return pa.table({**columns, **_result_columns(rows, run_id)}, schema=predictions_schema())
 
 
 def _errors_table(rows: pa.Table, run_id: str) -> pa.Table:
-    return pa.table(
-        {
-            "path": rows.column("path"),
-            "stage": rows.column("stage"),
-            "error": rows.column("error"),
-            "etag": rows.column("etag"),
-            "size": rows.column("size"),
-            "mtime": _timestamps(rows),
-            "run_id": pa.array([run_id] * rows.num_rows, pa.string()),
-        },
-        schema=ERRORS_SCHEMA,
-    )
+    columns = {name: rows.column(name) for name in ("path", "stage", "error")}
+    return pa.table({**columns, **_version_columns(rows, run_id)}, schema=ERRORS_SCHEMA)
+
+
+def _result_columns(rows: pa.Table, run_id: str) -> dict[str, pa.ChunkedArray | pa.Array]:
+    return {
+        "model": rows.column("model"),
+        "width": rows.column("width").cast(pa.int32()),
+        "height": rows.column("height").cast(pa.int32()),
+        **_version_columns(rows, run_id),
+    }
+
+
+def _version_columns(rows: pa.Table, run_id: str) -> dict[str, pa.ChunkedArray | pa.Array]:
+    return {
+        "etag": rows.column("etag"),
+        "size": rows.column("size"),
+        "mtime": _timestamps(rows),
+        "run_id": pa.array([run_id] * rows.num_rows, pa.string()),
+    }
 
 
 def _timestamps(rows: pa.Table) -> pa.Array:
