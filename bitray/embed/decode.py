@@ -1,14 +1,14 @@
 """The CPU stage: manifest rows -> the listed version's bytes -> RGB uint8 pixels at the model's size.
 
-A task takes work items (a row range of a manifest part: a few GETs for thousands of images) and yields
+A task takes work items (a row range of a manifest part, read with one GET) and yields
 one block per model batch, so the actors start on the first batch while the rest is still decoding.
 Every input row leaves this stage as one row: pixels, or an error (stage ``read`` or ``decode``, with a
 readable reason) and zero pixels. Only permanent read failures (``storage.PermanentReadError``: the object
 changed or vanished after listing, access refused, over ``max_bytes``) become error rows; transient ones
 are retried by ``storage.read_object`` and, if they persist, stop the run, which then resumes. Rows
 already committed by an earlier attempt of the run are dropped here, so a resumed run reads and decodes
-only what is pending. Pixels travel as uint8 (a quarter of
-float32) in a tensor column; the model function converts them.
+only what is pending. Pixels travel as uint8 (a quarter of float32) in a tensor column; the model
+function converts them.
 """
 
 from __future__ import annotations
