@@ -23,7 +23,11 @@ from bitray.config import StorageConfig
 from bitray.embed.manifest import read_part
 from bitray.embed.ranges import contains
 from bitray.images import DEFAULT_MAX_PIXELS, prepare_for_model
+from bitray.prefetch import prefetched
 from bitray.storage import ObjectInfo
+
+READ_AHEAD = 8
+"""Objects a decode task reads at once (threads; the listed versions' bytes held at most)."""
 
 
 def decode_items(
@@ -75,14 +79,20 @@ def decode_batch(
     stages: list[str | None] = [None] * len(records)
     errors: list[str | None] = [None] * len(records)
     limit = max_pixels or DEFAULT_MAX_PIXELS
-    for i, record in enumerate(records):
+
+    def read(record: dict) -> bytes | storage.PermanentReadError:
         listed = ObjectInfo(record["path"], record["size"], record["mtime_ns"], record["etag"])
         try:
-            data = storage.read_object(
+            return storage.read_object(
                 listed, storage_config, max_bytes=max_bytes, retry_for_s=storage_config.read_retry_s
             )
         except storage.PermanentReadError as exc:  # transient failures stop the run instead (resumably)
-            stages[i], errors[i] = "read", describe(exc)
+            return exc
+
+    # reads overlap each other and the decoding of the images before them; at most READ_AHEAD are held
+    for i, data in enumerate(prefetched(read, records, READ_AHEAD)):
+        if isinstance(data, storage.PermanentReadError):
+            stages[i], errors[i] = "read", describe(data)
             continue
         try:
             pixels[i], width[i], height[i] = prepare_for_model(data, size, max_pixels=limit)

@@ -10,9 +10,7 @@ tasks, actors, output files and the commit log speak of row ranges, never of pat
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,6 +19,7 @@ from bitray import storage
 from bitray.config import EmbedConfig, StorageConfig
 from bitray.embed.params import ManifestPart
 from bitray.errors import BitrayError
+from bitray.prefetch import prefetched
 from bitray.storage import ObjectInfo
 
 MANIFEST_SCHEMA = pa.schema(
@@ -131,14 +130,7 @@ def read_parts(
     uris: list[str], storage_config: StorageConfig, columns: list[str] | None = None, ahead: int = 8
 ) -> Iterator[pa.Table]:
     """The parts in order, up to ``ahead`` fetched concurrently (memory: ``ahead`` parts)."""
-    with ThreadPoolExecutor(ahead) as pool:
-        pending: deque = deque()
-        for uri in uris:
-            pending.append(pool.submit(read_part, uri, storage_config, columns))
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    return prefetched(lambda uri: read_part(uri, storage_config, columns), uris, ahead)
 
 
 def version_of(etag: str | None, size: int, mtime_ns: int | None) -> str:
