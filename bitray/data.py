@@ -283,21 +283,8 @@ def read_labelled_batch(batch: dict[str, np.ndarray], storage: StorageConfig | N
 
 def decode_encoded_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, Any]:
     """Decode and resize the ``data`` bytes of a batch to uint8 ``size`` x ``size``; bad images skipped."""
-    from bitray.images import ImageDecodeError, decode_image, resize_for_model
-
-    images, labels = [], []
-    for path, label, blob in zip(batch["path"], batch["label"], batch["data"], strict=True):
-        try:
-            decoded = decode_image(bytes(blob))
-        except (ImageDecodeError, BitrayError) as exc:
-            log.warning("skipping %s: %s", path, exc)
-            continue
-        pixels = resize_for_model(decoded.pixels, (size, size))
-        images.append(np.round(pixels * 255.0).astype(np.uint8))
-        labels.append(int(label))
-    if not images:
-        return {"image": np.zeros((0, size, size, 3), np.uint8), "label": np.zeros((0,), np.int64)}
-    return {"image": np.stack(images), "label": np.asarray(labels, np.int64)}
+    rows = zip(batch["path"], batch["label"], batch["data"], strict=True)
+    return _decoded(((path, label, lambda blob=blob: bytes(blob)) for path, label, blob in rows), size)
 
 
 def decode_labelled_batch(
@@ -307,17 +294,23 @@ def decode_labelled_batch(
 
     ``keep_paths`` keeps a ``path`` column beside the decoded rows (for the evaluation's report).
     """
-    from bitray.images import ImageDecodeError, decode_image, resize_for_model
+    rows = zip(batch["path"], batch["label"], strict=True)
+    reads = ((path, label, lambda path=path: st.read_bytes(str(path), storage)) for path, label in rows)
+    return _decoded(reads, size, keep_paths=keep_paths)
+
+
+def _decoded(rows: Iterator[tuple[Any, Any, Any]], size: int, keep_paths: bool = False) -> dict[str, Any]:
+    """(path, label, read bytes) rows -> uint8 images resized to ``size`` x ``size``, with their labels."""
+    from bitray.images import ImageDecodeError, decode_image, resize_pixels
 
     images, labels, paths = [], [], []
-    for path, label in zip(batch["path"], batch["label"], strict=True):
+    for path, label, read in rows:
         try:
-            decoded = decode_image(st.read_bytes(str(path), storage))
+            decoded = decode_image(read())
         except (ImageDecodeError, BitrayError) as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
-        pixels = resize_for_model(decoded.pixels, (size, size))
-        images.append(np.round(pixels * 255.0).astype(np.uint8))
+        images.append(resize_pixels(decoded.pixels, (size, size)))
         labels.append(int(label))
         paths.append(str(path))
     extra = {"path": np.asarray(paths, dtype=object)} if keep_paths else {}
