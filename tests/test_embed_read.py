@@ -9,6 +9,7 @@ from image_corpus import corpus
 from bitray.config import StorageConfig
 from bitray.embed.decode import decode_batch
 from bitray.embed.ranges import RowRanges
+from bitray.embed.sandbox import DecodeOptions
 from bitray.storage import list_objects
 
 NOTHING_COMMITTED = RowRanges().as_arrays()
@@ -25,7 +26,7 @@ def run_stage(objects, storage=None, committed=NOTHING_COMMITTED):  # noqa: ANN0
         }
     )
     out = decode_batch(
-        batch, storage_config=storage or StorageConfig(), size=(32, 32), max_pixels=None, committed=committed
+        batch, storage_config=storage or StorageConfig(), options=DecodeOptions((32, 32)), committed=committed
     )
     rows = out.drop_columns(["pixels"]).to_pylist()
     pixels = out.column("pixels").combine_chunks().to_numpy_ndarray()

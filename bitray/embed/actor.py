@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from bitray.config import StorageConfig
+from bitray.embed.isolation import Attempt, abort_on_colour, model_crash_colour
 from bitray.errors import BitrayError
 
 if TYPE_CHECKING:  # the driver imports this module and must not import TensorFlow
@@ -95,7 +96,10 @@ class EmbedActor:
         mixed_precision: bool,
         task: str = "embed",
         top_k: int = 5,
+        ledger: Any = None,
     ) -> None:
+        """``ledger``: a ``CrashLedger`` handle; a batch that killed an actor before runs image by image
+        (``bitray.embed.isolation``)."""
         configure_tensorflow(threads=threads, mixed_precision=mixed_precision)
         import tensorflow as tf
 
@@ -103,6 +107,8 @@ class EmbedActor:
 
         self.loaded = load_model(model_spec, storage=storage, classifier=task == "classify")
         self.head = ClassHead(self.loaded, top_k) if task == "classify" else FeatureHead(self.loaded)
+        self.ledger = ledger
+        self.crash_colour = model_crash_colour()
         model = self.loaded.model
         spec = tf.TensorSpec([None, None, None, 3], tf.uint8)
         # uint8 in, scaled inside the traced graph: no float32 copy of the pixels on the Python side
@@ -116,13 +122,18 @@ class EmbedActor:
         error = np.asarray(batch["error"], dtype=object)
         ok = np.array([s is None for s in stage], bool)
         outputs = np.zeros((len(ok), self.head.width), np.float32)
-        if ok.any():
-            outputs[ok] = np.asarray(self.forward(batch["pixels"][ok]), np.float32)
+        rows = batch["row"]
+        attempt = Attempt(self.ledger, f"model:{rows[0]}:{len(rows)}" if len(rows) else "model:empty")
+        if attempt.crashed_before:
+            self._one_by_one(batch, ok, outputs, stage, error)
+        elif ok.any():
+            outputs[ok] = self._forward(batch["pixels"][ok])
         bad = ok & ~np.isfinite(outputs).all(axis=1)
         stage[bad], error[bad] = "embed", "ValueError: the model gave non-finite outputs"
         ok &= ~bad
         outputs[~ok] = 0.0
         columns = {name: batch[name] for name in PASSED_THROUGH}
+        attempt.close()
         return pa.table(
             {
                 **columns,
@@ -132,6 +143,30 @@ class EmbedActor:
                 "error": pa.array(list(error), pa.string()),
             }
         )
+
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        abort_on_colour(pixels, self.crash_colour)  # tests only; nothing when unset
+        return np.asarray(self.forward(pixels), np.float32)
+
+    def _one_by_one(
+        self,
+        batch: dict[str, np.ndarray],
+        ok: np.ndarray,
+        outputs: np.ndarray,
+        stage: np.ndarray,
+        error: np.ndarray,
+    ) -> None:
+        """A batch that killed an actor before: each image alone, registered first, so that the one that
+        kills it again is known on the next attempt and becomes an error row instead of a third crash."""
+        log.warning("a batch of %d images killed a model actor before; running it image by image", len(ok))
+        for i in np.flatnonzero(ok):
+            attempt = Attempt(self.ledger, f"model-row:{batch['row'][i]}")
+            if attempt.crashed_before:
+                ok[i] = False
+                stage[i], error[i] = "embed", "ModelCrashed: the image crashed the model's worker process"
+            else:
+                outputs[i] = self._forward(batch["pixels"][i : i + 1])[0]
+            attempt.close()
 
 
 def configure_tensorflow(*, threads: int, mixed_precision: bool) -> None:

@@ -23,6 +23,7 @@ from bitray.config import EmbedConfig
 from bitray.embed.actor import EmbedActor
 from bitray.embed.commit import Lock, Receipt, RunCommitter, publisher_for
 from bitray.embed.decode import decode_items
+from bitray.embed.isolation import start_ledger
 from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import PART_ROWS
 from bitray.embed.params import RunParams, resolved_storage
@@ -243,6 +244,7 @@ def _stream(
     import ray
 
     items = work_items(params, pending, _rows_per_item(params, pending, resources))
+    ledger = start_ledger()  # lives as long as this pass: a resumed run starts with a clean slate
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
     ds = ds.map_batches(
         decode_items,
@@ -256,6 +258,7 @@ def _stream(
             "max_pixels": params.max_pixels,
             "max_bytes": params.max_bytes,
             "committed": committer.committed.as_arrays(),
+            "ledger": ledger,
         },
         # Reserving the memory a decoded batch needs also keeps this a separate operator: Ray would
         # otherwise fuse it into its neighbours, and decoding would stall the model instead of overlapping it.
@@ -273,6 +276,7 @@ def _stream(
             "mixed_precision": params.mixed_precision and resources.gpus > 0,
             "task": params.task,
             "top_k": params.top_k,
+            "ledger": ledger,
         },
         compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
         num_gpus=resources.gpus,

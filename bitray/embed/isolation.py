@@ -1,0 +1,86 @@
+"""Poison isolation: work that killed its Ray worker once is redone in a way that cannot kill it again.
+
+Ray Data retries a map task or an actor call whose worker died, without limit. That is right for a lost
+node, and an endless loop for an image that crashes the decoder or the model every time. A ``CrashLedger``
+(one Ray actor per pipeline pass, owned by the driver) counts the attempts of each piece of work that began
+and never ended: a decode work item, a model batch, one image in a model batch. The first attempt of
+anything runs at full speed and costs one small actor call; an attempt that finds an earlier one unfinished
+runs isolated:
+
+- a decode work item decodes its images one at a time in a child process (``bitray.embed.sandbox``), so
+  each culprit becomes a ``decode`` error row and the rest of the item is embedded;
+- a model batch runs image by image, each image registered first, so an image that killed an actor once
+  becomes an ``embed`` error row on the next attempt instead of being run again.
+
+A lost node looks the same to the ledger, and costs only a slower retry of what it held.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+MODEL_CRASH_COLOUR_ENV = "BITRAY_TEST_MODEL_CRASH_COLOUR"
+"""Tests only: ``"r,g,b"``; a model actor aborts its process (SIGABRT) on a batch holding an image of that
+one colour, which is how the tests make an image that kills the model's worker. Unset in production."""
+
+
+class CrashLedger:
+    """Attempts per key that began and have not ended (a Ray actor; see ``start_ledger``)."""
+
+    def __init__(self) -> None:
+        self.open: Counter[str] = Counter()
+
+    def begin(self, key: str) -> int:
+        """Record an attempt of ``key``; how many earlier ones began and never ended (their worker died)."""
+        earlier = self.open[key]
+        self.open[key] += 1
+        return earlier
+
+    def end(self, key: str) -> None:
+        self.open.pop(key, None)
+
+
+def start_ledger() -> Any:
+    """A ``CrashLedger`` actor for one pipeline pass; it goes when the driver drops the handle."""
+    import ray
+
+    return ray.remote(num_cpus=0)(CrashLedger).remote()
+
+
+class Attempt:
+    """One attempt of ``key`` on ``ledger`` (a ``CrashLedger`` handle, or None: nothing is tracked).
+
+    ``earlier`` counts the attempts that died; ``close()`` marks this one ended (call it only on success:
+    an attempt that raised is retried by Ray like any other failure, and is not a crash)."""
+
+    def __init__(self, ledger: Any, key: str) -> None:
+        self.ledger, self.key = ledger, key
+        self.earlier = 0
+        if ledger is not None:
+            import ray
+
+            self.earlier = ray.get(ledger.begin.remote(key))
+
+    @property
+    def crashed_before(self) -> bool:
+        return self.earlier > 0
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.end.remote(self.key)  # no need to wait: a lost call only means a slower retry
+
+
+def model_crash_colour() -> np.ndarray | None:
+    """The colour of ``MODEL_CRASH_COLOUR_ENV`` (tests only), or None."""
+    value = os.environ.get(MODEL_CRASH_COLOUR_ENV)
+    return None if not value else np.array([int(v) for v in value.split(",")], np.uint8)
+
+
+def abort_on_colour(pixels: np.ndarray, colour: np.ndarray | None) -> None:
+    """Tests only: abort when an image of ``pixels`` (uint8 ``[n, h, w, 3]``) is all ``colour``."""
+    if colour is not None and (pixels == colour).all(axis=(1, 2, 3)).any():
+        os.abort()
