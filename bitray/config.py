@@ -100,6 +100,10 @@ class EmbedConfig(Section):
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     """Resume or re-run a run by its id; default: a new id, printed at the start."""
     incremental: bool = False
+    retry_errors: bool = False
+    """Take again the object versions whose latest result under ``output`` is an error row (a read that
+    was refused, an image that did not decode; not versions changed or deleted since). Alone, the inputs
+    are not listed; with ``incremental``, those still listed at the same version join what is new."""
     """Embed only object versions not yet recorded under ``output`` (new or changed objects)."""
     lock_ttl_s: float = Field(120.0, gt=0)
     """The output lock expires this long after its last heartbeat (a crashed run's lock is taken over)."""

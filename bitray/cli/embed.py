@@ -45,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="embed only object versions not yet recorded under --output",
     )
+    embed.add_argument(
+        "--retry-errors",
+        action="store_true",
+        default=None,
+        help="take again the images recorded as errors under --output (alone: without listing the inputs; "
+        "with --incremental: beside what is new)",
+    )
     embed.add_argument("--batch-size", type=int, metavar="N", help="images per model call")
     embed.add_argument(
         "--rows-per-file", type=int, metavar="N", help="images per output Parquet file (default 8192)"
@@ -97,6 +104,7 @@ def run_embed(args: argparse.Namespace) -> int:
         "model": args.model,
         "run_id": args.run_id,
         "incremental": args.incremental,
+        "retry_errors": args.retry_errors,
         "batch_size": args.batch_size,
         "rows_per_file": args.rows_per_file,
         "shared_storage": args.shared_storage,
@@ -145,6 +153,7 @@ def print_dry_run(plan) -> None:  # noqa: ANN001 - bitray.embed.plan.DryRun, imp
     print(f"  new        {counts.new:>12,}")
     print(f"  changed    {counts.changed:>12,}")
     print(f"  unchanged  {counts.unchanged:>12,}")
+    print(f"  retried    {counts.retried:>12,}  (recorded errors taken again)")
     print(f"  model      {plan.model} ({dim}-d embeddings)")
     print(f"  files      {plan.files:>12,} embeddings file(s) of up to {plan.rows_per_file:,} rows, ~{size}")
     if plan.unfinished_runs:

@@ -36,10 +36,12 @@ class InputCounts(BaseModel):
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    retried: int = 0
+    """Recorded errors taken again (``retry_errors``)."""
 
     @property
     def todo(self) -> int:
-        return self.new + self.changed
+        return self.new + self.changed + self.retried
 
 
 class RunParams(BaseModel):
@@ -65,6 +67,8 @@ class RunParams(BaseModel):
     inputs: list[str]
     counts: InputCounts
     manifest: list[ManifestPart]
+    retried: list[ManifestPart] = []
+    """Parts of ``runs/<run>/retried/``: the recorded errors this run takes again (``bitray.embed.retry``)."""
     bitray_version: str = __version__
 
     @property
@@ -78,7 +82,12 @@ class RunParams(BaseModel):
 
     @classmethod
     def for_run(
-        cls, config: EmbedConfig, run_id: str, counts: InputCounts, manifest: list[ManifestPart]
+        cls,
+        config: EmbedConfig,
+        run_id: str,
+        counts: InputCounts,
+        manifest: list[ManifestPart],
+        retried: list[ManifestPart] | None = None,
     ) -> RunParams:
         return cls(
             run_id=run_id,
@@ -99,6 +108,7 @@ class RunParams(BaseModel):
             inputs=[*config.inputs, *([config.manifest] if config.manifest else [])],
             counts=counts,
             manifest=manifest,
+            retried=retried or [],
         )
 
     def save(self, layout: OutputLayout) -> None:

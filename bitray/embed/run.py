@@ -26,7 +26,7 @@ from bitray.embed.decode import decode_items
 from bitray.embed.isolation import start_ledger
 from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import PART_ROWS
-from bitray.embed.params import RunParams, resolved_storage
+from bitray.embed.params import InputCounts, RunParams, resolved_storage
 from bitray.embed.plan import DryRun, dry_run, start_run
 from bitray.embed.ranges import Range
 from bitray.embed.resources import ActorResources, actor_resources, check_local_paths, joins_existing_cluster
@@ -97,7 +97,7 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
         params = RunParams.load_if_begun(layout, run_id) if config.run_id else None  # a new id is new
         others = [r for r in layout.run_ids() if r != run_id]
         unfinished = [r for r in others if r not in state.finished and layout.is_begun(r)]
-        if config.incremental:
+        if config.incremental or config.retry_errors:
             for other in unfinished:
                 print(f"bitray: finishing the interrupted run {other} first", flush=True)
                 _, state = _execute(
@@ -112,15 +112,18 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
         if params is None:
             params = start_run(config, layout, run_id, state)
             counts = params.counts
-            print(
-                f"bitray: {counts.todo} image(s) to embed ({counts.new} new, {counts.changed} changed)"
-                + (f", {counts.unchanged} unchanged" if counts.unchanged else ""),
-                flush=True,
-            )
+            print(f"bitray: {describe_counts(counts)}", flush=True)
             return _execute(layout, params, state, lock, address, started, fresh=True)[0]
         if changed := params.differences(config):
             print(f"bitray: run {run_id} keeps its own settings: {', '.join(changed)}", flush=True)
         return _execute(layout, params, state, lock, address, started)[0]
+
+
+def describe_counts(counts: InputCounts) -> str:
+    """'12 image(s) to embed (10 new, 0 changed, 2 recorded errors retried), 88 unchanged'."""
+    retried = f", {counts.retried} recorded error(s) retried" if counts.retried else ""
+    unchanged = f", {counts.unchanged} unchanged" if counts.unchanged else ""
+    return f"{counts.todo} image(s) to embed ({counts.new} new, {counts.changed} changed{retried}){unchanged}"
 
 
 def dry_run_embedding(config: EmbedConfig) -> DryRun:
