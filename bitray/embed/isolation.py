@@ -17,11 +17,18 @@ A lost node looks the same to the ledger, and costs only a slower retry of what 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections import Counter
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+LEDGER_TIMEOUT_S = 60.0
+"""How long a task waits for the ledger before it goes on without its protection."""
 
 MODEL_CRASH_COLOUR_ENV = "BITRAY_TEST_MODEL_CRASH_COLOUR"
 """Tests only: ``"r,g,b"``; a model actor aborts its process (SIGABRT) on a batch holding an image of that
@@ -47,8 +54,11 @@ class CrashLedger:
 def start_ledger() -> Any:
     """A ``CrashLedger`` actor for one pipeline pass; it goes when the driver drops the handle."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(CrashLedger).remote()
+    # on the driver's node (the head, for a job): worker nodes come and go with the autoscaler
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=-1)(CrashLedger).options(scheduling_strategy=here).remote()
 
 
 class Attempt:
@@ -63,7 +73,10 @@ class Attempt:
         if ledger is not None:
             import ray
 
-            self.earlier = ray.get(ledger.begin.remote(key))
+            try:
+                self.earlier = ray.get(ledger.begin.remote(key), timeout=LEDGER_TIMEOUT_S)
+            except (ray.exceptions.RayError, TimeoutError) as exc:  # a lost ledger must not stop the run
+                log.warning("crash ledger unavailable (%s); %s runs unprotected", exc, key)
 
     @property
     def crashed_before(self) -> bool:
@@ -71,7 +84,8 @@ class Attempt:
 
     def close(self) -> None:
         if self.ledger is not None:
-            self.ledger.end.remote(self.key)  # no need to wait: a lost call only means a slower retry
+            with contextlib.suppress(Exception):  # no need to wait: a lost call only means a slower retry
+                self.ledger.end.remote(self.key)
 
 
 def model_crash_colour() -> np.ndarray | None:
