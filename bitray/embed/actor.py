@@ -108,6 +108,9 @@ class EmbedActor:
         self.loaded = load_model(model_spec, storage=storage, classifier=task == "classify")
         self.head = ClassHead(self.loaded, top_k) if task == "classify" else FeatureHead(self.loaded)
         self.ledger = ledger
+        # Ray retries a call that killed an actor on the same actor, restarted; a first incarnation has
+        # seen no crash, so it registers its batches without waiting (a message, not a round trip)
+        self.restarted = _restarted()
         self.crash_colour = model_crash_colour()
         model = self.loaded.model
         spec = tf.TensorSpec([None, None, None, 3], tf.uint8)
@@ -123,7 +126,8 @@ class EmbedActor:
         ok = np.array([s is None for s in stage], bool)
         outputs = np.zeros((len(ok), self.head.width), np.float32)
         rows = batch["row"]
-        attempt = Attempt(self.ledger, f"model:{rows[0]}:{len(rows)}" if len(rows) else "model:empty")
+        key = f"model:{rows[0]}:{len(rows)}" if len(rows) else "model:empty"
+        attempt = Attempt(self.ledger, key, wait=self.restarted)
         if attempt.crashed_before:
             self._one_by_one(batch, ok, outputs, stage, error)
         elif ok.any():
@@ -167,6 +171,13 @@ class EmbedActor:
             else:
                 outputs[i] = self._forward(batch["pixels"][i : i + 1])[0]
             attempt.close()
+
+
+def _restarted() -> bool:
+    """Whether this actor is a restart of one that died (False outside Ray)."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
 
 
 def configure_tensorflow(*, threads: int, mixed_precision: bool) -> None:

@@ -65,16 +65,21 @@ class Attempt:
     """One attempt of ``key`` on ``ledger`` (a ``CrashLedger`` handle, or None: nothing is tracked).
 
     ``earlier`` counts the attempts that died; ``close()`` marks this one ended (call it only on success:
-    an attempt that raised is retried by Ray like any other failure, and is not a crash)."""
+    an attempt that raised is retried by Ray like any other failure, and is not a crash). ``wait=False``
+    registers the attempt without waiting for the answer (``earlier`` stays 0), for callers that know no
+    earlier attempt died here: a crash right after may then go unregistered, which costs one more crash.
+    """
 
-    def __init__(self, ledger: Any, key: str) -> None:
+    def __init__(self, ledger: Any, key: str, *, wait: bool = True) -> None:
         self.ledger, self.key = ledger, key
         self.earlier = 0
         if ledger is not None:
             import ray
 
             try:
-                self.earlier = ray.get(ledger.begin.remote(key), timeout=LEDGER_TIMEOUT_S)
+                begun = ledger.begin.remote(key)
+                if wait:
+                    self.earlier = ray.get(begun, timeout=LEDGER_TIMEOUT_S)
             except (ray.exceptions.RayError, TimeoutError) as exc:  # a lost ledger must not stop the run
                 log.warning("crash ledger unavailable (%s); %s runs unprotected", exc, key)
 
