@@ -177,7 +177,9 @@ def _restarted() -> bool:
     """Whether this actor is a restart of one that died (False outside Ray)."""
     import ray
 
-    return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return False  # driven directly, e.g. by a benchmark
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def configure_tensorflow(*, threads: int, mixed_precision: bool) -> None:
