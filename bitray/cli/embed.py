@@ -71,6 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--actors", metavar="MIN[:MAX]", help="autoscaling embedding actor pool size")
     embed.add_argument("--gpus-per-actor", type=float, metavar="N")
     embed.add_argument("--cpus-per-actor", type=float, metavar="N")
+    embed.add_argument(
+        "--cpu-precision",
+        choices=["float32", "bfloat16"],
+        help="CPU actors' compute (default float32); bfloat16 needs avx512_bf16 or amx_bf16 and an "
+        "npz: or random: model",
+    )
     embed.set_defaults(func=run_embed)
 
     demo = subparsers.add_parser(
@@ -111,6 +117,7 @@ def run_embed(args: argparse.Namespace) -> int:
         "image_size": args.image_size,
         "gpus_per_actor": args.gpus_per_actor,
         "cpus_per_actor": args.cpus_per_actor,
+        "cpu_precision": args.cpu_precision,
         **parse_actors(args.actors),
     }
     config = load_config(EmbedConfig, args.config, overrides)

@@ -19,6 +19,7 @@ import pyarrow as pa
 from bitray.config import StorageConfig
 from bitray.embed.isolation import Attempt, abort_on_colour, model_crash_colour
 from bitray.errors import BitrayError
+from bitray.precision import Precision, require_cpu_bfloat16
 
 if TYPE_CHECKING:  # the driver imports this module and must not import TensorFlow
     from bitray.model.weights import LoadedModel
@@ -93,14 +94,14 @@ class EmbedActor:
         model_spec: str,
         storage: StorageConfig,
         threads: int,
-        mixed_precision: bool,
+        precision: Precision = "float32",
         task: str = "embed",
         top_k: int = 5,
         ledger: Any = None,
     ) -> None:
         """``ledger``: a ``CrashLedger`` handle; a batch that killed an actor before runs image by image
         (``bitray.embed.isolation``)."""
-        configure_tensorflow(threads=threads, mixed_precision=mixed_precision)
+        configure_tensorflow(threads=threads, precision=precision)
         import tensorflow as tf
 
         from bitray.model import load_model
@@ -182,8 +183,13 @@ def _restarted() -> bool:
     return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
-def configure_tensorflow(*, threads: int, mixed_precision: bool) -> None:
-    """Size TF's thread pools (not Ray's CPU reservation), grow GPU memory on demand, float16 on GPU."""
+def configure_tensorflow(*, threads: int, precision: Precision = "float32") -> None:
+    """Size TF's thread pools (not Ray's CPU reservation), grow GPU memory on demand, set the precision.
+
+    ``float16`` is mixed precision on a GPU (ignored where TensorFlow sees none); ``bfloat16`` is mixed
+    precision on a CPU with bfloat16 instructions (an error on one without). The policy is global to the
+    actor's process and must be set before the model is built.
+    """
     import tensorflow as tf
 
     try:
@@ -195,7 +201,12 @@ def configure_tensorflow(*, threads: int, mixed_precision: bool) -> None:
     for gpu in gpus:
         with contextlib.suppress(RuntimeError):  # already initialised: growth was set by then or cannot be
             tf.config.experimental.set_memory_growth(gpu, True)
-    if mixed_precision and gpus:
-        import tf_keras
+    import tf_keras
 
+    if precision == "float16" and gpus:
         tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    elif precision == "bfloat16":
+        require_cpu_bfloat16()
+        tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    else:
+        tf_keras.mixed_precision.set_global_policy("float32")

@@ -61,6 +61,7 @@ class RunParams(BaseModel):
     gpus_per_actor: float | None
     cpus_per_actor: float | None
     mixed_precision: bool
+    cpu_precision: Literal["float32", "bfloat16"] = "float32"
     incremental: bool
     task: Literal["embed", "classify"] = "embed"
     top_k: int = 5
@@ -102,6 +103,7 @@ class RunParams(BaseModel):
             gpus_per_actor=config.gpus_per_actor,
             cpus_per_actor=config.cpus_per_actor,
             mixed_precision=config.mixed_precision,
+            cpu_precision=config.cpu_precision,
             incremental=config.incremental,
             task=config.task,
             top_k=config.top_k,

@@ -21,6 +21,7 @@ from typing import Any
 from bitray import ray_session, storage
 from bitray.config import EmbedConfig
 from bitray.embed.actor import EmbedActor
+from bitray.embed.cluster import describe_cluster
 from bitray.embed.commit import Lock, Receipt, RunCommitter, publisher_for
 from bitray.embed.decode import decode_items
 from bitray.embed.isolation import start_ledger
@@ -34,6 +35,7 @@ from bitray.embed.state import IncrementalState, record_run
 from bitray.embed.write import write_files
 from bitray.errors import BitrayError
 from bitray.locks import open_lock
+from bitray.precision import check_cpu_precision
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
     before any Ray work starts.
     """
     started = time.monotonic()
+    check_cpu_precision(config.cpu_precision, config.model)
     layout = output_layout(config)
     if joins_existing_cluster(address):
         check_local_paths(config, layout.output, address)
@@ -232,7 +235,8 @@ def _run_pipeline(
     batch_bytes = params.batch_size * params.image_size[0] * params.image_size[1] * 3
     saved_block_size, ctx.target_max_block_size = ctx.target_max_block_size, batch_bytes
     try:
-        return _stream(layout, params, committer, pending, actor_resources(params, ray.cluster_resources()))
+        resources = actor_resources(params, describe_cluster())
+        return _stream(layout, params, committer, pending, resources)
     finally:
         ctx.target_max_block_size = saved_block_size
 
@@ -276,7 +280,7 @@ def _stream(
             "model_spec": params.model,
             "storage": layout.storage,
             "threads": resources.threads,
-            "mixed_precision": params.mixed_precision and resources.gpus > 0,
+            "precision": resources.precision,
             "task": params.task,
             "top_k": params.top_k,
             "ledger": ledger,
