@@ -114,7 +114,8 @@ def test_gs_listing_streams_instead_of_gathering(monkeypatch):
             for i in range(page_size):
                 yield SimpleNamespace(name=f"{prefix}{page}/{i:04d}.jpg", size=1, updated=None)
 
-    monkeypatch.setattr(storage, "gcs_client", lambda config=None: SimpleNamespace(list_blobs=list_blobs))
+    fake_client = SimpleNamespace(list_blobs=list_blobs)
+    monkeypatch.setattr("bitray.storage.listing.gcs_client", lambda config=None: fake_client)
     listing = storage.list_objects("gs://bucket/p/")
     first = next(listing)
     assert first.uri == "gs://bucket/p/0/0000.jpg" and asked == [0]

@@ -1,0 +1,132 @@
+"""One view of object storage: URIs (``s3://``, ``gs://``, local paths) -> listings, objects, filesystems.
+
+One module per job, each importing only those before it: ``uri`` <- ``errors`` <- ``clients`` <-
+``listing``, ``conditional`` <- ``reads``, ``objects`` <- ``multipart``. Callers use the names re-exported
+here (``from bitray import storage; storage.read_object(...)``). Every object-store protocol detail lives
+in this package, so no other module reads botocore's error codes.
+"""
+
+from bitray.errors import BitrayError
+from bitray.storage.clients import (
+    CREDENTIAL_ENV,
+    filesystem_for,
+    gcs_client,
+    s3_client,
+    s3_filesystem,
+    shared_s3_client,
+)
+from bitray.storage.conditional import (
+    ConditionalObject,
+    GcsConditionalObject,
+    S3ConditionalObject,
+    conditional_object,
+    delete_if_match,
+    get_object_if_match,
+    get_with_etag,
+    put_if_match,
+    put_if_none_match,
+)
+from bitray.storage.errors import (
+    CONFLICT_CODES,
+    CREDENTIAL_CODES,
+    MISSING_CODES,
+    PRECONDITION_CODES,
+    REFUSED_CODES,
+    TRANSIENT_CODES,
+    ObjectChanged,
+    ObjectMissing,
+    ObjectTooLarge,
+    PermanentReadError,
+    ReadRefused,
+    TransientStorageError,
+    error_code,
+    http_status,
+    is_transient,
+    read_error,
+    s3_errors,
+)
+from bitray.storage.listing import list_objects, matches
+from bitray.storage.multipart import (
+    MULTIPART_PART_BYTES,
+    PendingUpload,
+    abort_upload,
+    complete_upload,
+    pending_uploads,
+    upload_parts,
+)
+from bitray.storage.objects import (
+    copy_to_local,
+    default_cache_dir,
+    delete,
+    delete_tree,
+    exists,
+    list_names,
+    move_file,
+    read_bytes,
+    read_if_exists,
+    write_bytes,
+)
+from bitray.storage.reads import READ_RETRY_S, read_object
+from bitray.storage.uri import ObjectInfo, is_remote, join, local_path, scheme_of, split_bucket
+
+__all__ = [
+    "CONFLICT_CODES",
+    "CREDENTIAL_CODES",
+    "CREDENTIAL_ENV",
+    "MISSING_CODES",
+    "MULTIPART_PART_BYTES",
+    "PRECONDITION_CODES",
+    "READ_RETRY_S",
+    "REFUSED_CODES",
+    "TRANSIENT_CODES",
+    "BitrayError",
+    "ConditionalObject",
+    "GcsConditionalObject",
+    "ObjectChanged",
+    "ObjectInfo",
+    "ObjectMissing",
+    "ObjectTooLarge",
+    "PendingUpload",
+    "PermanentReadError",
+    "ReadRefused",
+    "S3ConditionalObject",
+    "TransientStorageError",
+    "abort_upload",
+    "complete_upload",
+    "conditional_object",
+    "copy_to_local",
+    "default_cache_dir",
+    "delete",
+    "delete_if_match",
+    "delete_tree",
+    "error_code",
+    "exists",
+    "filesystem_for",
+    "gcs_client",
+    "get_object_if_match",
+    "get_with_etag",
+    "http_status",
+    "is_remote",
+    "is_transient",
+    "join",
+    "list_names",
+    "list_objects",
+    "local_path",
+    "matches",
+    "move_file",
+    "pending_uploads",
+    "put_if_match",
+    "put_if_none_match",
+    "read_bytes",
+    "read_error",
+    "read_if_exists",
+    "read_object",
+    "s3_client",
+    "s3_errors",
+    "s3_filesystem",
+    "scheme_of",
+    "shared_s3_client",
+    "split_bucket",
+    "upload_parts",
+    "write_bytes",
+]
