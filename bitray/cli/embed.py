@@ -64,6 +64,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--actors", metavar="MIN[:MAX]", help="autoscaling embedding actor pool size")
     embed.add_argument("--gpus-per-actor", type=float, metavar="N")
     embed.add_argument("--cpus-per-actor", type=float, metavar="N")
+    embed.add_argument(
+        "--decode",
+        choices=("fast", "exact"),
+        help="fast (default): DCT-scaled JPEG decode and box reduction before the resize; "
+        "exact: full-resolution decode, bit-identical pixels",
+    )
+    embed.add_argument(
+        "--max-decode-mb", type=int, metavar="MB", help="memory one image's decode may take (default 1200)"
+    )
     embed.set_defaults(func=run_embed)
 
     demo = subparsers.add_parser(
@@ -103,6 +112,8 @@ def run_embed(args: argparse.Namespace) -> int:
         "image_size": args.image_size,
         "gpus_per_actor": args.gpus_per_actor,
         "cpus_per_actor": args.cpus_per_actor,
+        "decode": args.decode,
+        "max_decode_mb": args.max_decode_mb,
         **parse_actors(args.actors),
     }
     config = load_config(EmbedConfig, args.config, overrides)

@@ -22,7 +22,7 @@ from bitray import storage
 from bitray.config import StorageConfig
 from bitray.embed.manifest import read_part
 from bitray.embed.ranges import contains
-from bitray.images import DEFAULT_MAX_PIXELS, prepare_for_model
+from bitray.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, prepare_for_model
 from bitray.prefetch import prefetched
 from bitray.storage import ObjectInfo
 
@@ -40,6 +40,8 @@ def decode_items(
     max_pixels: int | None,
     max_bytes: int | None,
     committed: tuple[np.ndarray, np.ndarray],
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    exact: bool = False,
 ) -> Iterator[pa.Table]:
     """Work items (a manifest part and a row range in it) -> one block of decoded rows per model batch."""
     for part, start, stop in zip(
@@ -54,6 +56,8 @@ def decode_items(
                 max_pixels=max_pixels,
                 max_bytes=max_bytes,
                 committed=committed,
+                max_decode_bytes=max_decode_bytes,
+                exact=exact,
             )
 
 
@@ -65,6 +69,8 @@ def decode_batch(
     max_pixels: int | None,
     committed: tuple[np.ndarray, np.ndarray],
     max_bytes: int | None = None,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    exact: bool = False,
 ) -> pa.Table:
     """Read and decode a batch of manifest rows (``row, path, etag, size, mtime_ns``)."""
     from ray.data.extensions import ArrowTensorArray
@@ -95,7 +101,9 @@ def decode_batch(
             stages[i], errors[i] = "read", describe(data)
             continue
         try:
-            pixels[i], width[i], height[i] = prepare_for_model(data, size, max_pixels=limit)
+            pixels[i], width[i], height[i] = prepare_for_model(
+                data, size, max_pixels=limit, max_decode_bytes=max_decode_bytes, exact=exact
+            )
         except Exception as exc:
             stages[i], errors[i] = "decode", describe(exc)
     return (
