@@ -2,6 +2,7 @@
 
     python bench/decode_bench.py                 # R50x1, random-init weights (seeded), 224 px
     python bench/decode_bench.py --arch r101x1
+    python bench/decode_bench.py --model npz:BiT-M-R50x1.npz    # real weights, where they can be fetched
 
 scikit-learn's two sample photos and four of scikit-image's, each saved as a JPEG (quality 90) at about
 camera size (2000x1500, upscaled) and at web size (500x375). For each file and both decodes
@@ -34,6 +35,7 @@ SIZES_WH = {"2000x1500": (2000, 1500), "500x375": (500, 375)}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="r50x1", help="BiT variant, random-init weights")
+    p.add_argument("--model", default=None, help="a model spec instead (e.g. npz:BiT-M-R50x1.npz)")
     p.add_argument("--size", type=int, default=224, help="model input size (square)")
     return p.parse_args(argv)
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from bitray.model import load_model
 
     size = (args.size, args.size)
-    loaded = load_model(f"random:{args.arch}")
+    loaded = load_model(args.model or f"random:{args.arch}")
     forward = loaded.inference_function()
 
     def embed(pixels: np.ndarray) -> np.ndarray:

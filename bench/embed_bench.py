@@ -28,9 +28,10 @@ shared between processes (the object store) more than once; they are an upper bo
 
 ``--mode cpu-stage``: N local JPEGs made from real sample photos (``photos.varied_jpegs``; half 500x375,
 half 2000x1500), then in one run (d) the pipeline's steady-state images/s from local files with
-``random:tiny`` (a near-free model, so the CPU stage decides) at ``--size``, and (e) a plain Pillow loop
-over the same files, one process per CPU (``Image.draft`` to the size, then the bilinear resize).
-Goal: d/e >= 0.8.
+``random:tiny`` at ``--size``, and (e) a plain Pillow loop over the same files, one process per CPU
+(``Image.draft`` to the size, then the bilinear resize). Goal: d/e >= 0.8. For what bounds (d): (f) the
+pipeline's decode stage alone in one process (per core against (e)), and (g) the model alone on all cores
+(at 224 px ``random:tiny`` is not free on a small CPU: the pipeline cannot outrun it).
 
     python bench/embed_bench.py --mode actor --n 96          # R50x1: the actor's time outside the model
 
@@ -378,12 +379,49 @@ def cpu_stage(args: argparse.Namespace) -> dict:
         print(f"bench: (d) pipeline {results['d_pipeline']}", flush=True)
         results["e_pillow"] = pillow_loop(paths, args.size, args.cpus)
         print(f"bench: (e) Pillow, {args.cpus} processes {results['e_pillow']}", flush=True)
-    d, e = results["d_pipeline"], results["e_pillow"]
+        results["f_decode_one_core"] = decode_one_core(paths, args)
+        print(f"bench: (f) bitray's decode stage, one process {results['f_decode_one_core']}", flush=True)
+        results["g_model_only"] = model_only(args, images)
+        print(f"bench: (g) model only {results['g_model_only']}", flush=True)
+    d, e, f, g = (results[k] for k in ("d_pipeline", "e_pillow", "f_decode_one_core", "g_model_only"))
     results["ratios"] = {
         "d_over_e_steady": _ratio(d["images_per_s_steady"], e["images_per_s"]),
         "d_over_e_end_to_end": _ratio(d["images_per_s_end_to_end"], e["images_per_s"]),
+        "f_over_e_per_core": _ratio(f["images_per_s"] * args.cpus, e["images_per_s"]),
+        "g_over_e": _ratio(g["images_per_s"], e["images_per_s"]),
     }
     return results
+
+
+def decode_one_core(paths: list[Path], args: argparse.Namespace) -> dict:
+    """(f): the pipeline's decode stage (``decode_batch``: read, fast decode, one block per model batch)
+    in this process alone, to compare per core with (e)."""
+    import pyarrow as pa
+
+    from bitray.config import StorageConfig
+    from bitray.embed.decode import decode_batch
+    from bitray.embed.ranges import RowRanges
+
+    rows = pa.table(
+        {
+            "row": pa.array(range(len(paths)), pa.int64()),
+            "path": [str(p) for p in paths],
+            "etag": pa.array([None] * len(paths), pa.string()),
+            "size": pa.array([p.stat().st_size for p in paths], pa.int64()),
+            "mtime_ns": pa.array([p.stat().st_mtime_ns for p in paths], pa.int64()),
+        }
+    )
+    start = time.perf_counter()
+    for i in range(0, len(paths), args.batch_size):
+        decode_batch(
+            rows.slice(i, args.batch_size),
+            storage_config=StorageConfig(),
+            size=(args.size, args.size),
+            max_pixels=None,
+            committed=RowRanges().as_arrays(),
+        )
+    seconds = time.perf_counter() - start
+    return {"images": len(paths), "seconds": round(seconds, 3), "images_per_s": len(paths) / seconds}
 
 
 def actor_share(args: argparse.Namespace) -> dict:
