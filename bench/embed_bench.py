@@ -401,6 +401,7 @@ def decode_one_core(paths: list[Path], args: argparse.Namespace) -> dict:
     from bitray.config import StorageConfig
     from bitray.embed.decode import decode_batch
     from bitray.embed.ranges import RowRanges
+    from bitray.embed.sandbox import DecodeOptions
 
     rows = pa.table(
         {
@@ -416,8 +417,7 @@ def decode_one_core(paths: list[Path], args: argparse.Namespace) -> dict:
         decode_batch(
             rows.slice(i, args.batch_size),
             storage_config=StorageConfig(),
-            size=(args.size, args.size),
-            max_pixels=None,
+            options=DecodeOptions((args.size, args.size)),
             committed=RowRanges().as_arrays(),
         )
     seconds = time.perf_counter() - start
@@ -434,6 +434,7 @@ def actor_share(args: argparse.Namespace) -> dict:
     from bitray.embed.actor import EmbedActor
     from bitray.embed.decode import decode_batch
     from bitray.embed.ranges import RowRanges
+    from bitray.embed.sandbox import DecodeOptions
     from bitray.storage import list_objects
 
     images = varied_jpegs(args.n, [(500, 375), (2000, 1500)])
@@ -454,15 +455,12 @@ def actor_share(args: argparse.Namespace) -> dict:
             decode_batch(
                 rows.slice(i, args.batch_size),
                 storage_config=StorageConfig(),
-                size=(args.size, args.size),
-                max_pixels=None,
+                options=DecodeOptions((args.size, args.size)),
                 committed=RowRanges().as_arrays(),
             )
             for i in range(0, rows.num_rows, args.batch_size)
         ]
-    actor = EmbedActor(
-        model_spec=f"random:{args.arch}", storage=StorageConfig(), threads=args.cpus, mixed_precision=False
-    )
+    actor = EmbedActor(model_spec=f"random:{args.arch}", storage=StorageConfig(), threads=args.cpus)
     to_numpy = lambda block: BlockAccessor.for_block(block).to_batch_format("numpy")  # noqa: E731
     actor(to_numpy(blocks[0]))  # trace and warm up
     actor.timing.reset()

@@ -1,6 +1,6 @@
 """What readers of an embedding output may rely on: its finished runs, committed files and run models.
 
-The search layer reads outputs only through these three functions; the layout itself is the embedding
+The search layer reads outputs only through these functions; the layout itself is the embedding
 pipeline's business (``bitray.embed.layout``). Every file under ``OUT/embeddings/`` and ``OUT/errors/``
 is committed (the pipeline publishes nothing else there) and names its run: ``part-<run>-<uid>.parquet``.
 """
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from bitray import storage as _storage  # the public signatures name a parameter ``storage``
 from bitray.config import EmbedConfig, StorageConfig
-from bitray.embed.layout import DATA_KINDS, OutputLayout, run_of_part
+from bitray.embed import retry
+from bitray.embed.layout import DATA_KINDS, OutputLayout
 from bitray.embed.params import RunParams
 from bitray.embed.run import output_layout
 from bitray.embed.state import IncrementalState
 from bitray.errors import BitrayError
+from bitray.storage import ObjectInfo
 
 
 def _layout(output: str, storage: StorageConfig | None) -> OutputLayout:
@@ -38,18 +39,16 @@ def committed_files(
     if kind not in DATA_KINDS:
         choices = ", ".join(DATA_KINDS)
         raise BitrayError(f"unknown kind {kind!r} of embedding output files; use one of {choices}")
-    layout = _layout(output, storage)
-    wanted = None if runs is None else set(runs)
-    directory = layout.data_dir(kind)
-    names = _storage.list_names(directory, layout.storage)
-    return sorted(
-        _storage.join(directory, name)
-        for name in names
-        if (run := run_of_part(name)) is not None and (wanted is None or run in wanted)
-    )
+    return _layout(output, storage).data_files(kind, None if runs is None else set(runs))
 
 
 def run_model(output: str, run_id: str, storage: StorageConfig | None = None) -> tuple[str, tuple[int, int]]:
     """(model spec the run embedded with, e.g. 'random:tiny', and its image size (h, w))."""
     params = RunParams.load(_layout(output, storage), run_id)
     return params.model, params.image_size
+
+
+def open_errors(output: str, storage: StorageConfig | None = None) -> list[ObjectInfo]:
+    """Object versions whose latest result is an error row: what ``bitray embed --retry-errors`` takes."""
+    layout = _layout(output, storage)
+    return retry.open_errors(layout, IncrementalState.load(layout))

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 import bitray  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from bitray.embed.isolation import MODEL_CRASH_COLOUR_ENV
+from bitray.embed.sandbox import CRASH_MARKER_ENV
 
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # Ray workers see only the environment Ray was started with: give them the dummy keys the moto server
@@ -29,6 +31,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # listen on loopback only, and must behave the same on a fresh machine and on one that has a token.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+# Images holding this marker abort the decoder's process (``bitray.embed.sandbox``): how the tests make a
+# real image that kills its Ray worker. Set here so that every test Ray worker has it.
+CRASH_MARKER = "bitray-test: this image crashes the decoder"
+os.environ.setdefault(CRASH_MARKER_ENV, CRASH_MARKER)
+# And a model actor aborts on a batch holding an image of exactly this colour (``bitray.embed.isolation``).
+CRASH_COLOUR = (7, 77, 177)
+os.environ.setdefault(MODEL_CRASH_COLOUR_ENV, ",".join(map(str, CRASH_COLOUR)))
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ SIZE = 32
 def actor():
     from bitray.embed.actor import EmbedActor
 
-    return EmbedActor(model_spec="random:tiny", storage=StorageConfig(), threads=2, mixed_precision=False)
+    return EmbedActor(model_spec="random:tiny", storage=StorageConfig(), threads=2)
 
 
 def decoded_batch(stages: list[str | None]) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from embed_fixtures import read_output, tiny_config, write_photos
 from bitray.config import StorageConfig
 from bitray.embed import run_embedding
 from bitray.errors import BitrayError
+from bitray.outputs import open_errors
 from bitray.storage import s3_filesystem
 
 pytest_plugins = ["fault_proxy"]
@@ -61,3 +62,23 @@ def test_a_persistent_fault_stops_the_run_resumably(fault_proxy, s3_bucket, ray_
     assert (summary.embedded, summary.errored) == (len(keys), 0)
     emb, err = read_output(f"{s3_bucket}/out", s3_filesystem(StorageConfig(s3_endpoint=fault_proxy.upstream)))
     assert err.empty and sorted(emb.path) == keys
+
+
+def test_access_refused_is_an_error_row_that_a_retry_embeds_once_granted(
+    fault_proxy, s3_bucket, ray_local, tmp_path
+):
+    keys = upload(fault_proxy, s3_bucket, tmp_path)
+    fault_proxy.set_faults(rate=1.0, kinds=("403",), methods=("GET",), match=lambda m, p: "summer" in p)
+    storage = StorageConfig(s3_endpoint=fault_proxy.url, read_retry_s=5)
+    out = f"s3://{s3_bucket}/out"
+    first = run_embedding(tiny_config([f"s3://{s3_bucket}/photos/"], out, storage=storage, run_id="refused"))
+    assert (first.embedded, first.errored) == (len(keys) - 1, 1)  # 403 is permanent: recorded, not retried
+
+    fault_proxy.clear()  # access granted
+    retry = run_embedding(tiny_config([], out, storage=storage, retry_errors=True, run_id="granted"))
+    assert (retry.inputs, retry.embedded, retry.errored) == (1, 1, 0)
+    emb, err = read_output(f"{s3_bucket}/out", s3_filesystem(StorageConfig(s3_endpoint=fault_proxy.upstream)))
+    assert sorted(emb.path) == keys  # each once, `summer #1.jpg` from the retry
+    assert err.path.tolist() == [f"s3://{s3_bucket}/photos/summer #1.jpg"]
+    assert err.error.iloc[0].startswith("ReadRefused")
+    assert open_errors(out, storage) == []

@@ -9,6 +9,7 @@ from image_corpus import corpus, encode, png_bomb
 from bitray.config import StorageConfig
 from bitray.embed.decode import decode_batch
 from bitray.embed.ranges import RowRanges
+from bitray.embed.sandbox import DecodeOptions
 from bitray.images import prepare_for_model
 from bitray.storage import list_objects
 
@@ -28,10 +29,8 @@ def run_stage(objects, storage=None, committed=NOTHING_COMMITTED, **options):  #
     out = decode_batch(
         batch,
         storage_config=storage or StorageConfig(),
-        size=(32, 32),
-        max_pixels=None,
+        options=DecodeOptions((32, 32), **options),
         committed=committed,
-        **options,
     )
     rows = out.drop_columns(["pixels"]).to_pylist()
     pixels = out.column("pixels").combine_chunks().to_numpy_ndarray()

@@ -45,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="embed only object versions not yet recorded under --output",
     )
+    embed.add_argument(
+        "--retry-errors",
+        action="store_true",
+        default=None,
+        help="take again the images recorded as errors under --output (alone: without listing the inputs; "
+        "with --incremental: beside what is new)",
+    )
     embed.add_argument("--batch-size", type=int, metavar="N", help="images per model call")
     embed.add_argument(
         "--rows-per-file", type=int, metavar="N", help="images per output Parquet file (default 8192)"
@@ -64,6 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--actors", metavar="MIN[:MAX]", help="autoscaling embedding actor pool size")
     embed.add_argument("--gpus-per-actor", type=float, metavar="N")
     embed.add_argument("--cpus-per-actor", type=float, metavar="N")
+    embed.add_argument(
+        "--cpu-precision",
+        choices=["float32", "bfloat16"],
+        help="CPU actors' compute (default float32); bfloat16 needs avx512_bf16 or amx_bf16 and an "
+        "npz: or random: model",
+    )
     embed.add_argument(
         "--decode",
         choices=("fast", "exact"),
@@ -106,12 +119,14 @@ def run_embed(args: argparse.Namespace) -> int:
         "model": args.model,
         "run_id": args.run_id,
         "incremental": args.incremental,
+        "retry_errors": args.retry_errors,
         "batch_size": args.batch_size,
         "rows_per_file": args.rows_per_file,
         "shared_storage": args.shared_storage,
         "image_size": args.image_size,
         "gpus_per_actor": args.gpus_per_actor,
         "cpus_per_actor": args.cpus_per_actor,
+        "cpu_precision": args.cpu_precision,
         "decode": args.decode,
         "max_decode_mb": args.max_decode_mb,
         **parse_actors(args.actors),
@@ -156,6 +171,7 @@ def print_dry_run(plan) -> None:  # noqa: ANN001 - bitray.embed.plan.DryRun, imp
     print(f"  new        {counts.new:>12,}")
     print(f"  changed    {counts.changed:>12,}")
     print(f"  unchanged  {counts.unchanged:>12,}")
+    print(f"  retried    {counts.retried:>12,}  (recorded errors taken again)")
     print(f"  model      {plan.model} ({dim}-d embeddings)")
     print(f"  files      {plan.files:>12,} embeddings file(s) of up to {plan.rows_per_file:,} rows, ~{size}")
     if plan.unfinished_runs:

@@ -13,13 +13,15 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from bitray.config import StorageConfig
+from bitray.embed.isolation import Attempt, abort_on_colour, model_crash_colour
 from bitray.errors import BitrayError
+from bitray.precision import Precision, require_cpu_bfloat16
 
 if TYPE_CHECKING:  # the driver imports this module and must not import TensorFlow
     from bitray.model.weights import LoadedModel
@@ -126,17 +128,25 @@ class EmbedActor:
         model_spec: str,
         storage: StorageConfig,
         threads: int,
-        mixed_precision: bool,
+        precision: Precision = "float32",
         task: str = "embed",
         top_k: int = 5,
+        ledger: Any = None,
     ) -> None:
-        configure_tensorflow(threads=threads, mixed_precision=mixed_precision)
+        """``ledger``: a ``CrashLedger`` handle; a batch that killed an actor before runs image by image
+        (``bitray.embed.isolation``)."""
+        configure_tensorflow(threads=threads, precision=precision)
         import tensorflow as tf
 
         from bitray.model import load_model
 
         self.loaded = load_model(model_spec, storage=storage, classifier=task == "classify")
         self.head = ClassHead(self.loaded, top_k) if task == "classify" else FeatureHead(self.loaded)
+        self.ledger = ledger
+        # Ray retries a call that killed an actor on the same actor, restarted; a first incarnation has
+        # seen no crash, so it registers its batches without waiting (a message, not a round trip)
+        self.restarted = _restarted()
+        self.crash_colour = model_crash_colour()
         model = self.loaded.model
         spec = tf.TensorSpec([None, None, None, 3], tf.uint8)
         # uint8 in, scaled inside the traced graph: no float32 copy of the pixels on the Python side
@@ -151,16 +161,22 @@ class EmbedActor:
         stage = np.asarray(batch["stage"], dtype=object)
         error = np.asarray(batch["error"], dtype=object)
         ok = np.array([s is None for s in stage], bool)
+        rows = batch["row"]
+        key = f"model:{rows[0]}:{len(rows)}" if len(rows) else "model:empty"
+        attempt = Attempt(self.ledger, key, wait=self.restarted)
         forward_s = 0.0
-        if ok.all():  # the usual batch: the pixels as they came, no masked copy, the outputs as returned
+        if ok.all() and not attempt.crashed_before:  # the usual batch: no masked copy, no zeroed outputs
             forward_started = time.perf_counter()
-            outputs = np.asarray(self.forward(batch["pixels"]), np.float32)
+            outputs = self._forward(batch["pixels"])
             forward_s = time.perf_counter() - forward_started
         else:
             outputs = np.zeros((len(ok), self.head.width), np.float32)
-            if ok.any():
-                forward_started = time.perf_counter()
-                outputs[ok] = np.asarray(self.forward(batch["pixels"][ok]), np.float32)
+            forward_started = time.perf_counter()
+            if attempt.crashed_before:
+                self._one_by_one(batch, ok, outputs, stage, error)
+            elif ok.any():
+                outputs[ok] = self._forward(batch["pixels"][ok])
+            if attempt.crashed_before or ok.any():
                 forward_s = time.perf_counter() - forward_started
         bad = ok & ~np.isfinite(outputs).all(axis=1)
         if bad.any():
@@ -168,6 +184,7 @@ class EmbedActor:
             ok &= ~bad
         if not ok.all():
             outputs = np.where(ok[:, None], outputs, np.float32(0))
+        attempt.close()
         table = pa.table(
             {
                 **{name: batch[name] for name in PASSED_THROUGH},
@@ -180,9 +197,47 @@ class EmbedActor:
         self.timing.add(len(ok), time.perf_counter() - started, forward_s)
         return table
 
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        abort_on_colour(pixels, self.crash_colour)  # tests only; nothing when unset
+        return np.asarray(self.forward(pixels), np.float32)
 
-def configure_tensorflow(*, threads: int, mixed_precision: bool) -> None:
-    """Size TF's thread pools (not Ray's CPU reservation), grow GPU memory on demand, float16 on GPU."""
+    def _one_by_one(
+        self,
+        batch: dict[str, np.ndarray],
+        ok: np.ndarray,
+        outputs: np.ndarray,
+        stage: np.ndarray,
+        error: np.ndarray,
+    ) -> None:
+        """A batch that killed an actor before: each image alone, registered first, so that the one that
+        kills it again is known on the next attempt and becomes an error row instead of a third crash."""
+        log.warning("a batch of %d images killed a model actor before; running it image by image", len(ok))
+        for i in np.flatnonzero(ok):
+            attempt = Attempt(self.ledger, f"model-row:{batch['row'][i]}")
+            if attempt.crashed_before:
+                ok[i] = False
+                stage[i], error[i] = "embed", "ModelCrashed: the image crashed the model's worker process"
+            else:
+                outputs[i] = self._forward(batch["pixels"][i : i + 1])[0]
+            attempt.close()
+
+
+def _restarted() -> bool:
+    """Whether this actor is a restart of one that died (False outside Ray)."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return False  # driven directly, e.g. by a benchmark
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+def configure_tensorflow(*, threads: int, precision: Precision = "float32") -> None:
+    """Size TF's thread pools (not Ray's CPU reservation), grow GPU memory on demand, set the precision.
+
+    ``float16`` is mixed precision on a GPU (ignored where TensorFlow sees none); ``bfloat16`` is mixed
+    precision on a CPU with bfloat16 instructions (an error on one without). The policy is global to the
+    actor's process and must be set before the model is built.
+    """
     import tensorflow as tf
 
     try:
@@ -194,7 +249,12 @@ def configure_tensorflow(*, threads: int, mixed_precision: bool) -> None:
     for gpu in gpus:
         with contextlib.suppress(RuntimeError):  # already initialised: growth was set by then or cannot be
             tf.config.experimental.set_memory_growth(gpu, True)
-    if mixed_precision and gpus:
-        import tf_keras
+    import tf_keras
 
+    if precision == "float16" and gpus:
         tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    elif precision == "bfloat16":
+        require_cpu_bfloat16()
+        tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    else:
+        tf_keras.mixed_precision.set_global_policy("float32")

@@ -8,26 +8,37 @@ changed or vanished after listing, access refused, over ``max_bytes``) become er
 are retried by ``storage.read_object`` and, if they persist, stop the run, which then resumes. Rows
 already committed by an earlier attempt of the run are dropped here, so a resumed run reads and decodes
 only what is pending. Pixels travel as uint8 (a quarter of float32) in a tensor column; the model
-function converts them.
+function converts them. An image that kills the decoder process becomes a ``decode`` error row too
+(``bitray.embed.isolation``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from bitray import storage
 from bitray.config import StorageConfig
+from bitray.embed.isolation import Attempt
 from bitray.embed.manifest import read_part
 from bitray.embed.ranges import contains
-from bitray.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, prepare_for_model
+from bitray.embed.sandbox import DecodeOptions, DecoderCrashed, SandboxDecoder, decode_for_model
+from bitray.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS
 from bitray.prefetch import prefetched
 from bitray.storage import ObjectInfo
 
+log = logging.getLogger(__name__)
+
 READ_AHEAD = 8
 """Objects a decode task reads at once (threads; the listed versions' bytes held at most)."""
+
+Decoder = Callable[[bytes], tuple[np.ndarray, int, int]]
 
 
 def decode_items(
@@ -40,41 +51,58 @@ def decode_items(
     max_pixels: int | None,
     max_bytes: int | None,
     committed: tuple[np.ndarray, np.ndarray],
+    ledger: Any = None,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     exact: bool = False,
 ) -> Iterator[pa.Table]:
-    """Work items (a manifest part and a row range in it) -> one block of decoded rows per model batch."""
+    """Work items (a manifest part and a row range in it) -> one block of decoded rows per model batch.
+
+    ``ledger``: a ``CrashLedger`` handle. An item whose earlier attempt died with its worker is decoded in
+    a child process, image by image (``bitray.embed.isolation``).
+    """
+    options = DecodeOptions(
+        size=size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_decode_bytes=max_decode_bytes, exact=exact
+    )
     for part, start, stop in zip(
         *(items.column(n).to_pylist() for n in ("part", "start", "stop")), strict=True
     ):
-        rows = read_part(storage.join(manifest_dir, part), storage_config).slice(start, stop - start)
-        for offset in range(0, rows.num_rows, batch_size):
-            yield decode_batch(
-                rows.slice(offset, batch_size),
-                storage_config=storage_config,
-                size=size,
-                max_pixels=max_pixels,
-                max_bytes=max_bytes,
-                committed=committed,
-                max_decode_bytes=max_decode_bytes,
-                exact=exact,
-            )
+        attempt = Attempt(ledger, f"decode:{part}:{start}:{stop}")
+        with contextlib.ExitStack() as stack:
+            decode = None
+            if attempt.crashed_before:
+                log.warning(
+                    "rows %d-%d of manifest %s killed a decode worker %d time(s); decoding them one by one "
+                    "in a separate process", start, stop, part, attempt.earlier,
+                )  # fmt: skip
+                decode = stack.enter_context(SandboxDecoder(options)).decode
+            rows = read_part(storage.join(manifest_dir, part), storage_config).slice(start, stop - start)
+            for offset in range(0, rows.num_rows, batch_size):
+                yield decode_batch(
+                    rows.slice(offset, batch_size),
+                    storage_config=storage_config,
+                    options=options,
+                    max_bytes=max_bytes,
+                    committed=committed,
+                    decode=decode,
+                )
+        attempt.close()
 
 
 def decode_batch(
     batch: pa.Table,
     *,
     storage_config: StorageConfig,
-    size: tuple[int, int],
-    max_pixels: int | None,
+    options: DecodeOptions,
     committed: tuple[np.ndarray, np.ndarray],
     max_bytes: int | None = None,
-    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
-    exact: bool = False,
+    decode: Decoder | None = None,
 ) -> pa.Table:
-    """Read and decode a batch of manifest rows (``row, path, etag, size, mtime_ns``)."""
+    """Read and decode a batch of manifest rows (``row, path, etag, size, mtime_ns``): in this process
+    (``decode_for_model``) unless ``decode`` says otherwise."""
     from ray.data.extensions import ArrowTensorArray
 
+    decode = decode or functools.partial(decode_for_model, options=options)
+    size = options.size
     rows = batch.column("row").to_numpy()
     pending = ~contains(committed[0], committed[1], rows)
     batch = batch.filter(pa.array(pending))
@@ -84,7 +112,6 @@ def decode_batch(
     height = np.zeros(len(records), np.int32)
     stages: list[str | None] = [None] * len(records)
     errors: list[str | None] = [None] * len(records)
-    limit = max_pixels or DEFAULT_MAX_PIXELS
 
     def read(record: dict) -> bytes | storage.PermanentReadError:
         listed = ObjectInfo(record["path"], record["size"], record["mtime_ns"], record["etag"])
@@ -101,9 +128,10 @@ def decode_batch(
             stages[i], errors[i] = "read", describe(data)
             continue
         try:
-            pixels[i], width[i], height[i] = prepare_for_model(
-                data, size, max_pixels=limit, max_decode_bytes=max_decode_bytes, exact=exact
-            )
+            pixels[i], width[i], height[i] = decode(data)
+        except DecoderCrashed as exc:
+            log.warning("%s crashed the decoder: %s", records[i]["path"], exc)
+            stages[i], errors[i] = "decode", describe(exc)
         except Exception as exc:
             stages[i], errors[i] = "decode", describe(exc)
     return (

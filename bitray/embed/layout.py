@@ -9,6 +9,7 @@
     OUT/_bitray/state/current.json                 incremental state: finished runs, recorded versions
     OUT/_bitray/state/base-<n>/part-<k>.parquet    compacted recorded versions, sorted by path
     OUT/_bitray/runs/<run>/manifest/part-<k>.parquet   the run's inputs, sorted by path, numbered rows
+    OUT/_bitray/runs/<run>/retried/part-<k>.parquet    recorded errors a retry run takes again
     OUT/_bitray/runs/<run>/run.json                the run's parameters (``RunParams``): marks it begun
     OUT/_bitray/runs/<run>/log/<seq>[-full].json   the commit log (``bitray.embed.commit``)
     OUT/_bitray/runs/<run>/staging/                staged files not committed yet (local and gs://)
@@ -21,6 +22,7 @@ prefix keeps bitray's state out of pyarrow, pandas and Ray readers of the output
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +114,20 @@ class OutputLayout:
 
     def manifest_dir(self, run_id: str) -> str:
         return storage.join(self.run_dir(run_id), "manifest")
+
+    def retried_dir(self, run_id: str) -> str:
+        return storage.join(self.run_dir(run_id), "retried")
+
+    def data_files(self, kind: str, runs: Collection[str] | None = None) -> list[str]:
+        """URIs of the committed files under ``OUT/<kind>/``, sorted; only of ``runs`` if given (one LIST
+        per 1,000 files)."""
+        directory = self.data_dir(kind)
+        names = storage.list_names(directory, self.storage)
+        return sorted(
+            storage.join(directory, name)
+            for name in names
+            if (run := run_of_part(name)) is not None and (runs is None or run in runs)
+        )
 
     def params_file(self, run_id: str) -> str:
         return storage.join(self.run_dir(run_id), "run.json")

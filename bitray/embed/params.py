@@ -36,10 +36,12 @@ class InputCounts(BaseModel):
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    retried: int = 0
+    """Recorded errors taken again (``retry_errors``)."""
 
     @property
     def todo(self) -> int:
-        return self.new + self.changed
+        return self.new + self.changed + self.retried
 
 
 class RunParams(BaseModel):
@@ -61,12 +63,15 @@ class RunParams(BaseModel):
     gpus_per_actor: float | None
     cpus_per_actor: float | None
     mixed_precision: bool
+    cpu_precision: Literal["float32", "bfloat16"] = "float32"
     incremental: bool
     task: Literal["embed", "classify"] = "embed"
     top_k: int = 5
     inputs: list[str]
     counts: InputCounts
     manifest: list[ManifestPart]
+    retried: list[ManifestPart] = []
+    """Parts of ``runs/<run>/retried/``: the recorded errors this run takes again (``bitray.embed.retry``)."""
     bitray_version: str = __version__
 
     @property
@@ -80,7 +85,12 @@ class RunParams(BaseModel):
 
     @classmethod
     def for_run(
-        cls, config: EmbedConfig, run_id: str, counts: InputCounts, manifest: list[ManifestPart]
+        cls,
+        config: EmbedConfig,
+        run_id: str,
+        counts: InputCounts,
+        manifest: list[ManifestPart],
+        retried: list[ManifestPart] | None = None,
     ) -> RunParams:
         return cls(
             run_id=run_id,
@@ -97,12 +107,14 @@ class RunParams(BaseModel):
             gpus_per_actor=config.gpus_per_actor,
             cpus_per_actor=config.cpus_per_actor,
             mixed_precision=config.mixed_precision,
+            cpu_precision=config.cpu_precision,
             incremental=config.incremental,
             task=config.task,
             top_k=config.top_k,
             inputs=[*config.inputs, *([config.manifest] if config.manifest else [])],
             counts=counts,
             manifest=manifest,
+            retried=retried or [],
         )
 
     def save(self, layout: OutputLayout) -> None:

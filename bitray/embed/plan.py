@@ -9,14 +9,17 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from bitray.config import EmbedConfig
 from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import ManifestWriter, listed_inputs
 from bitray.embed.params import InputCounts, RunParams
-from bitray.embed.state import IncrementalState, diff, recorded_versions
+from bitray.embed.retry import open_errors
+from bitray.embed.state import IncrementalState, Status, diff, recorded_versions
 from bitray.errors import BitrayError
+from bitray.storage import ObjectInfo
 
 ROW_OVERHEAD_BYTES = 200
 """Parquet bytes per embedding row beside the vector itself (path, etag, model id, ...), roughly."""
@@ -25,14 +28,17 @@ ROW_OVERHEAD_BYTES = 200
 def start_run(config: EmbedConfig, layout: OutputLayout, run_id: str, state: IncrementalState) -> RunParams:
     """List and diff the inputs, write the manifest of what is to do, then ``run.json`` (the run is begun)."""
     writer = ManifestWriter(layout.manifest_dir(run_id), layout.storage)
+    retried = ManifestWriter(layout.retried_dir(run_id), layout.storage)
     counts: Counter[str] = Counter()
     for obj, status in _statuses(config, layout, state):
         counts[status] += 1
         if status != "unchanged":
             writer.add(obj)
-    if not counts:
+        if status == "retried":
+            retried.add(obj)
+    if not counts and not config.retry_errors:  # a retry with no open errors is a run with nothing to do
         raise BitrayError(_nothing_found(config))
-    params = RunParams.for_run(config, run_id, _input_counts(counts), writer.close())
+    params = RunParams.for_run(config, run_id, _input_counts(counts), writer.close(), retried.close())
     params.save(layout)
     return params
 
@@ -67,11 +73,11 @@ class DryRun:
 
 def dry_run(config: EmbedConfig, layout: OutputLayout, state: IncrementalState, runs: list[str]) -> DryRun:
     counts: Counter[str] = Counter(status for _, status in _statuses(config, layout, state))
-    if not counts:
+    if not counts and not config.retry_errors:
         raise BitrayError(_nothing_found(config))
     unfinished = [r for r in runs if r not in state.finished]
     refused = None
-    if not config.incremental and runs and config.run_id not in runs:
+    if not (config.incremental or config.retry_errors) and runs and config.run_id not in runs:
         refused = f"the output already holds run(s) {', '.join(runs[:3])}: a plain run would be refused"
     return DryRun(
         output=layout.output,
@@ -85,10 +91,19 @@ def dry_run(config: EmbedConfig, layout: OutputLayout, state: IncrementalState, 
     )
 
 
-def _statuses(config: EmbedConfig, layout: OutputLayout, state: IncrementalState):  # noqa: ANN202
+def _statuses(
+    config: EmbedConfig, layout: OutputLayout, state: IncrementalState
+) -> Iterator[tuple[ObjectInfo, Status]]:
+    """Each input with its status: listed and diffed, and/or the output's open errors (``retried``)."""
+    if config.retry_errors and not config.incremental:  # the recorded errors are the inputs: no listing
+        return ((obj, "retried") for obj in open_errors(layout, state))
     listed = listed_inputs(config, layout.storage)
     recorded = recorded_versions(layout, state) if config.incremental else iter(())
-    return diff(listed, recorded)
+    statuses = diff(listed, recorded)
+    if not config.retry_errors:
+        return statuses
+    retry = {(obj.uri, obj.version) for obj in open_errors(layout, state)}
+    return ((o, "retried" if s == "unchanged" and (o.uri, o.version) in retry else s) for o, s in statuses)
 
 
 def _input_counts(counts: Counter[str]) -> InputCounts:
@@ -97,6 +112,7 @@ def _input_counts(counts: Counter[str]) -> InputCounts:
         new=counts["new"],
         changed=counts["changed"],
         unchanged=counts["unchanged"],
+        retried=counts["retried"],
     )
 
 

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 from bitray import ray_session, storage
 from bitray.config import EmbedConfig
+from bitray.embed.cluster import ClusterDescription
 from bitray.embed.params import RunParams
 from bitray.errors import BitrayError
+from bitray.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -22,19 +24,32 @@ class ActorResources:
     actors_min: int
     actors_max: int
     cluster_cpus: float
+    precision: Precision = "float32"
+    """What the actors compute in: float16 (mixed) on GPU, the run's ``cpu_precision`` on CPU."""
 
 
-def actor_resources(params: RunParams, cluster: dict[str, float]) -> ActorResources:
-    """From the run's settings, else from the cluster's resources.
+def actor_resources(params: RunParams, cluster: ClusterDescription) -> ActorResources:
+    """From the run's settings, else from the cluster: its resources now and the nodes it may add.
+
+    Actors ask for a GPU when the cluster has one or its autoscaler can add a node that has one (GPU
+    workers that start at zero), and the pool may grow to what those nodes hold at their maximum
+    (``max_workers`` x actors per node, summed over node types), or to the GPUs there are now if more.
 
     On CPU-only clusters the default actor reserves half the cores it computes on: the other half stays
     schedulable for the decode tasks, which are light next to a BiT forward pass and share those cores,
     instead of leaving them idle (on 2 cores: one actor, 1 CPU reserved, 2 TF threads). An explicit
     ``cpus_per_actor`` is used as it is for both.
     """
-    cluster_gpus = cluster.get("GPU", 0)
-    cluster_cpus = cluster.get("CPU", 1)
-    gpus = (1.0 if cluster_gpus else 0.0) if params.gpus_per_actor is None else float(params.gpus_per_actor)
+    cluster_gpus = cluster.resources.get("GPU", 0)
+    cluster_cpus = cluster.resources.get("CPU", 1)
+    has_gpus = bool(cluster_gpus) or cluster.can_add("GPU")
+    gpus = (1.0 if has_gpus else 0.0) if params.gpus_per_actor is None else float(params.gpus_per_actor)
+    if gpus and not has_gpus and cluster.node_types:
+        raise BitrayError(
+            f"gpus_per_actor is {gpus:g}, but the cluster has no GPU and none of its autoscaler's node types "
+            f"({', '.join(t.name for t in cluster.node_types)}, from {cluster.source}) has one: the actors "
+            "would wait for ever. Remove gpus_per_actor (or set it to 0) on a CPU-only cluster"
+        )
     if params.cpus_per_actor is not None:
         cpus = float(params.cpus_per_actor)
         threads = max(1, int(cpus))
@@ -43,10 +58,16 @@ def actor_resources(params: RunParams, cluster: dict[str, float]) -> ActorResour
         threads = max(1, int(cpus)) if gpus else 2 * max(1, int(cpus))
     if params.actors_max is not None:
         actors_max = params.actors_max
+    elif gpus:
+        actors_max = max(int(cluster_gpus // gpus), cluster.actors_addable("GPU", gpus))
     else:
-        actors_max = int(cluster_gpus // gpus) if gpus else int(cluster_cpus // (2 * cpus))
+        actors_max = int(cluster_cpus // (2 * cpus))
     actors_max = max(1, actors_max)
-    return ActorResources(gpus, cpus, threads, min(params.actors_min, actors_max), actors_max, cluster_cpus)
+    gpu_precision: Precision = "float16" if params.mixed_precision else "float32"
+    precision = gpu_precision if gpus else params.cpu_precision
+    return ActorResources(
+        gpus, cpus, threads, min(params.actors_min, actors_max), actors_max, cluster_cpus, precision
+    )
 
 
 def joins_existing_cluster(address: str | None) -> bool:

@@ -21,11 +21,13 @@ from typing import Any
 from bitray import ray_session, storage
 from bitray.config import EmbedConfig
 from bitray.embed.actor import EmbedActor
+from bitray.embed.cluster import describe_cluster
 from bitray.embed.commit import Lock, Receipt, RunCommitter, publisher_for
 from bitray.embed.decode import decode_items
+from bitray.embed.isolation import start_ledger
 from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import PART_ROWS
-from bitray.embed.params import RunParams, resolved_storage
+from bitray.embed.params import InputCounts, RunParams, resolved_storage
 from bitray.embed.plan import DryRun, dry_run, start_run
 from bitray.embed.ranges import Range
 from bitray.embed.resources import ActorResources, actor_resources, check_local_paths, joins_existing_cluster
@@ -33,6 +35,7 @@ from bitray.embed.state import IncrementalState, record_run
 from bitray.embed.write import write_files
 from bitray.errors import BitrayError
 from bitray.locks import open_lock
+from bitray.precision import check_cpu_precision
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
     before any Ray work starts.
     """
     started = time.monotonic()
+    check_cpu_precision(config.cpu_precision, config.model)
     layout = output_layout(config)
     if joins_existing_cluster(address):
         check_local_paths(config, layout.output, address)
@@ -96,7 +100,7 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
         params = RunParams.load_if_begun(layout, run_id) if config.run_id else None  # a new id is new
         others = [r for r in layout.run_ids() if r != run_id]
         unfinished = [r for r in others if r not in state.finished and layout.is_begun(r)]
-        if config.incremental:
+        if config.incremental or config.retry_errors:
             for other in unfinished:
                 print(f"bitray: finishing the interrupted run {other} first", flush=True)
                 _, state = _execute(
@@ -111,15 +115,18 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
         if params is None:
             params = start_run(config, layout, run_id, state)
             counts = params.counts
-            print(
-                f"bitray: {counts.todo} image(s) to embed ({counts.new} new, {counts.changed} changed)"
-                + (f", {counts.unchanged} unchanged" if counts.unchanged else ""),
-                flush=True,
-            )
+            print(f"bitray: {describe_counts(counts)}", flush=True)
             return _execute(layout, params, state, lock, address, started, fresh=True)[0]
         if changed := params.differences(config):
             print(f"bitray: run {run_id} keeps its own settings: {', '.join(changed)}", flush=True)
         return _execute(layout, params, state, lock, address, started)[0]
+
+
+def describe_counts(counts: InputCounts) -> str:
+    """'12 image(s) to embed (10 new, 0 changed, 2 recorded errors retried), 88 unchanged'."""
+    retried = f", {counts.retried} recorded error(s) retried" if counts.retried else ""
+    unchanged = f", {counts.unchanged} unchanged" if counts.unchanged else ""
+    return f"{counts.todo} image(s) to embed ({counts.new} new, {counts.changed} changed{retried}){unchanged}"
 
 
 def dry_run_embedding(config: EmbedConfig) -> DryRun:
@@ -228,7 +235,8 @@ def _run_pipeline(
     batch_bytes = params.batch_size * params.image_size[0] * params.image_size[1] * 3
     saved_block_size, ctx.target_max_block_size = ctx.target_max_block_size, batch_bytes
     try:
-        return _stream(layout, params, committer, pending, actor_resources(params, ray.cluster_resources()))
+        resources = actor_resources(params, describe_cluster())
+        return _stream(layout, params, committer, pending, resources)
     finally:
         ctx.target_max_block_size = saved_block_size
 
@@ -243,6 +251,7 @@ def _stream(
     import ray
 
     items = work_items(params, pending, _rows_per_item(params, pending, resources))
+    ledger = start_ledger()  # lives as long as this pass: a resumed run starts with a clean slate
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
     ds = ds.map_batches(
         decode_items,
@@ -256,6 +265,7 @@ def _stream(
             "max_pixels": params.max_pixels,
             "max_bytes": params.max_bytes,
             "committed": committer.committed.as_arrays(),
+            "ledger": ledger,
             "max_decode_bytes": params.max_decode_mb * 2**20,
             "exact": params.decode == "exact",
         },
@@ -272,9 +282,10 @@ def _stream(
             "model_spec": params.model,
             "storage": layout.storage,
             "threads": resources.threads,
-            "mixed_precision": params.mixed_precision and resources.gpus > 0,
+            "precision": resources.precision,
             "task": params.task,
             "top_k": params.top_k,
+            "ledger": ledger,
         },
         compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
         num_gpus=resources.gpus,

@@ -33,7 +33,8 @@ MAX_DELTAS = 8
 BASE_PART_ROWS = 131_072
 """Rows per part of the compacted base (about 13 MB), read whole and one at a time."""
 VERSIONS_SCHEMA = pa.schema([("path", pa.string()), ("version", pa.string())])
-Status = Literal["new", "changed", "unchanged"]
+Status = Literal["new", "changed", "unchanged", "retried"]
+"""``retried``: a recorded error taken again (``bitray.embed.retry``)."""
 
 
 class IncrementalState(BaseModel):
@@ -47,6 +48,8 @@ class IncrementalState(BaseModel):
     """Names of the base's parts, in path order."""
     deltas: list[str] = []
     """Finished runs (with inputs) whose manifests are not merged into the base yet."""
+    retry_runs: list[str] = []
+    """Finished runs that retried recorded errors (``bitray.embed.retry``), oldest first."""
 
     @classmethod
     def load(cls, layout: OutputLayout) -> IncrementalState:
@@ -126,6 +129,8 @@ def record_run(layout: OutputLayout, state: IncrementalState, params: RunParams)
     state.finished.append(params.run_id)
     if params.rows:
         state.deltas.append(params.run_id)
+    if params.retried:
+        state.retry_runs.append(params.run_id)
     if len(state.deltas) > MAX_DELTAS:
         state = _compact(layout, state)
     state.save(layout)
@@ -151,7 +156,7 @@ def _compact(layout: OutputLayout, state: IncrementalState) -> IncrementalState:
             rows = []
     if rows or not names:
         names.append(_write_versions(directory, len(names), rows, layout))
-    compacted = IncrementalState(finished=state.finished, generation=generation, base=names, deltas=[])
+    compacted = state.model_copy(update={"generation": generation, "base": names, "deltas": []})
     compacted.save(layout)
     if old:
         storage.delete_tree(base_dir(layout, old), layout.storage)

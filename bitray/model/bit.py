@@ -95,10 +95,14 @@ class StandardizedConv2D(tf_keras.layers.Conv2D):
         super().__init__(*args, **kwargs)
         self.standardize = standardize
 
+    def add_weight(self, *args, **kwargs) -> tf.Variable:
+        # The kernel reads as float32 under a mixed policy too: standardized in float32, then cast.
+        return super().add_weight(*args, **{"autocast": False, **kwargs})
+
     def convolution_op(self, inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
         if self.standardize:
             kernel = standardize_kernel(kernel)
-        return super().convolution_op(inputs, kernel)
+        return super().convolution_op(inputs, tf.cast(kernel, self.compute_dtype))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "standardize": self.standardize}
@@ -129,9 +133,20 @@ def _scale_shift_relu(inputs: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor) ->
 
     Unfused, TensorFlow runs three full-size ops (Mul, AddV2, Relu), each reading and writing the whole
     activation. Group Norm + ReLU took about a fifth of R101x1's forward time on CPU, half of it in
-    these memory-bound passes (the rest is the two reductions for the statistics).
+    these memory-bound passes (the rest is the two reductions for the statistics). ``scale`` and
+    ``offset`` are float32; a bfloat16 ``inputs`` is computed on in float32 inside the one pass.
     """
-    return tf.nn.relu(inputs * scale + offset)
+    return _scale_shift(inputs, scale, offset, relu=True)
+
+
+def _scale_shift(inputs: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor, relu: bool) -> tf.Tensor:
+    """``inputs * scale + offset`` (and ReLU) in float32, returned in the dtype of ``inputs``.
+
+    In bfloat16, ``x * scale + offset`` cancels catastrophically when a group's mean is large next to
+    its spread (x = 100.5, mean 100.25: 225 - 224.5 with 8-bit mantissas).
+    """
+    out = tf.cast(inputs, tf.float32) * scale + offset
+    return tf.cast(tf.nn.relu(out) if relu else out, inputs.dtype)
 
 
 class GroupNorm(tf_keras.layers.Layer):
@@ -147,6 +162,10 @@ class GroupNorm(tf_keras.layers.Layer):
     0.80x of Keras' ResNet101V2 (bench/model_bench.py, ``--gn fused,unfused``). The statistics stay
     two-pass (a one-pass E[x^2] - E[x]^2 was barely faster and 3x further from the exact result), so
     the outputs are the unfused layer's up to float rounding, and gradients flow through XLA unchanged.
+
+    Under a mixed policy (``mixed_bfloat16``) the statistics, gamma, beta and the normalization itself
+    are float32 whatever the compute dtype (a bfloat16 mean keeps 8 bits, and a group whose mean is large
+    next to its spread would lose most of them); only the output is stored in the compute dtype.
     """
 
     def __init__(
@@ -161,8 +180,8 @@ class GroupNorm(tf_keras.layers.Layer):
         channels = int(input_shape[-1])
         if channels % self.groups:
             raise ValueError(f"{self.name}: {channels} channels do not split into {self.groups} groups")
-        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
-        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones", autocast=False)
+        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros", autocast=False)
         super().build(input_shape)
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
@@ -171,21 +190,20 @@ class GroupNorm(tf_keras.layers.Layer):
         channels = inputs.shape[-1]
         per_group = [-1, self.groups, channels // self.groups]
         per_channel = [-1, 1, 1, channels]
+        exact = tf.cast(inputs, tf.float32)  # the statistics in float32 (a no-op for float32 inputs)
 
         def group_mean(values: tf.Tensor) -> tf.Tensor:  # [b, c] -> [b, groups, 1]
             return tf.reduce_mean(tf.reshape(values, per_group), axis=2, keepdims=True)
 
-        mean = group_mean(tf.reduce_mean(inputs, axis=[1, 2]))
+        mean = group_mean(tf.reduce_mean(exact, axis=[1, 2]))
         mean_c = tf.reshape(tf.repeat(mean, channels // self.groups, axis=2), per_channel)
-        var = group_mean(tf.reduce_mean(tf.math.squared_difference(inputs, mean_c), axis=[1, 2]))
+        var = group_mean(tf.reduce_mean(tf.math.squared_difference(exact, mean_c), axis=[1, 2]))
         scale = tf.reshape(self.gamma, per_group) * tf.math.rsqrt(var + self.epsilon)  # [b, groups, c/g]
         offset = tf.reshape(self.beta, per_group) - mean * scale
         scale, offset = tf.reshape(scale, per_channel), tf.reshape(offset, per_channel)
-        if self.relu:
-            if getattr(_PORTABLE, "on", False):
-                return tf.nn.relu(inputs * scale + offset)
+        if self.relu and not getattr(_PORTABLE, "on", False):
             return _scale_shift_relu(inputs, scale, offset)
-        return inputs * scale + offset
+        return _scale_shift(inputs, scale, offset, self.relu)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon, "relu": self.relu}
@@ -271,10 +289,16 @@ def build_bit(
             stride = 2 if stage > 0 and unit == 0 else 1
             x = _unit(make, x, f"block{stage + 1}/unit{unit + 1:02d}", variant.stage_filters(stage), stride)
     x = make.norm_relu("", x)
-    outputs = tf_keras.layers.GlobalAveragePooling2D(name="pre_logits")(x)
+    # Pooling and head in float32 under any policy: float32 features and logits (Keras' advice for the
+    # last layers of a mixed-precision model), and the 2048-d average is summed in float32.
+    outputs = tf_keras.layers.GlobalAveragePooling2D(name="pre_logits", dtype="float32")(x)
     if num_classes is not None:
         outputs = tf_keras.layers.Dense(
-            num_classes, kernel_initializer="zeros", bias_initializer="zeros", name="head/conv2d"
+            num_classes,
+            kernel_initializer="zeros",
+            bias_initializer="zeros",
+            name="head/conv2d",
+            dtype="float32",
         )(outputs)
     suffix = "" if num_classes is None else f"_{num_classes}"
     return tf_keras.Model(images, outputs, name=f"bit_{variant.name}{suffix}")
