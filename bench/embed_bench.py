@@ -23,6 +23,21 @@ load) and steady state (images published after the first file, over the time bet
 published files). Ratios use both.
 Goals (issue 3): b/a >= 0.9, b/c >= 1.0, peak RSS at scale*N within 1.25x of N. Sums of RSS count pages
 shared between processes (the object store) more than once; they are an upper bound.
+
+    python bench/embed_bench.py --mode cpu-stage --n 400     # the CPU stage against plain Pillow (issue 9)
+
+``--mode cpu-stage``: N local JPEGs made from real sample photos (``photos.varied_jpegs``; half 500x375,
+half 2000x1500), then in one run (d) the pipeline's steady-state images/s from local files with
+``random:tiny`` at ``--size``, and (e) a plain Pillow loop over the same files, one process per CPU
+(``Image.draft`` to the size, then the bilinear resize). Goal: d/e >= 0.8. For what bounds (d): (f) the
+pipeline's decode stage alone in one process (per core against (e)), and (g) the model alone on all cores
+(at 224 px ``random:tiny`` is not free on a small CPU: the pipeline cannot outrun it).
+
+    python bench/embed_bench.py --mode actor --n 96          # R50x1: the actor's time outside the model
+
+``--mode actor``: ``EmbedActor`` (R50x1 by default) driven in this process on blocks made by the decode
+stage (``decode_batch``), turned into numpy batches by Ray Data's own block conversion. Reports the
+share of the actor's call time spent outside its forward pass, and of that conversion. Goal: < 10%.
 """
 
 from __future__ import annotations
@@ -54,8 +69,11 @@ SIZE_WH = (500, 375)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=("compare", "cpu-stage", "actor"), default="compare")
     p.add_argument(
-        "--arch", default="r101x1", help="BiT variant (random-init weights); 'tiny' for a smoke run"
+        "--arch",
+        default=None,
+        help="BiT variant (random-init weights); default r101x1 (compare), tiny (cpu-stage), r50x1 (actor)",
     )
     p.add_argument("--n", type=int, default=300, help="images for the throughput comparison")
     p.add_argument("--scale", type=int, default=10, help="memory: compare peak RSS at N and scale*N images")
@@ -67,7 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actors-max", type=int, default=None, help="pipeline setting (default: bitray decides)")
     p.add_argument("--cpus-per-actor", type=float, default=None, help="pipeline setting (default: bitray)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.arch is None:
+        args.arch = {"compare": "r101x1", "cpu-stage": "tiny", "actor": "r50x1"}[args.mode]
+    return args
 
 
 # -- images and the S3 endpoint -----------------------------------------------------------------------------
@@ -212,13 +233,13 @@ class RssSampler:
 # -- the three measurements ---------------------------------------------------------------------------------
 
 
-def pipeline(args: argparse.Namespace, prefix: str, output: Path, moto_pid: int) -> dict:
-    """(b): ``run_embedding`` from S3 to local Parquet, with peak RSS and steady-state throughput."""
+def pipeline(args: argparse.Namespace, source: str, output: Path, exclude_pid: int | None) -> dict:
+    """(b), (d): ``run_embedding`` to local Parquet, with peak RSS and steady-state throughput."""
     from bitray.config import EmbedConfig
     from bitray.embed import run_embedding
 
     config = EmbedConfig(
-        inputs=[f"s3://{BUCKET}/{prefix}"],
+        inputs=[source],
         output=str(output),
         model=f"random:{args.arch}",
         image_size=args.size,
@@ -228,7 +249,7 @@ def pipeline(args: argparse.Namespace, prefix: str, output: Path, moto_pid: int)
         actors_max=args.actors_max,
         cpus_per_actor=args.cpus_per_actor,
     )
-    with RssSampler(exclude={moto_pid}) as rss:
+    with RssSampler(exclude={exclude_pid} - {None}) as rss:
         summary = run_embedding(config)
     steady = steady_rate([*output.glob("embeddings/*.parquet"), *output.glob("errors/*.parquet")])
     return {
@@ -316,12 +337,166 @@ def naive_loop(args: argparse.Namespace, endpoint: str, prefix: str, workdir: Pa
     return {"images": count, "seconds": round(seconds, 3), "images_per_s": count / seconds}
 
 
+def pillow_loop(paths: list[Path], size: int, processes: int) -> dict:
+    """(e): plain Pillow over local files, one process per CPU: open, draft to the size, resize."""
+    import functools
+    import multiprocessing
+
+    one = functools.partial(_pillow_one, size=size)
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        pool.map(one, paths[: 4 * processes], chunksize=1)  # start the workers, load the codecs
+        start = time.perf_counter()
+        done = sum(pool.map(one, paths, chunksize=4))
+        seconds = time.perf_counter() - start
+    return {"images": done, "seconds": round(seconds, 3), "images_per_s": done / seconds}
+
+
+def _pillow_one(path: Path, size: int) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))
+        np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+    return 1
+
+
+def cpu_stage(args: argparse.Namespace) -> dict:
+    """(d) and (e) on the same local JPEGs, in one run."""
+    from photos import varied_jpegs
+
+    images = varied_jpegs(args.n, [(500, 375), (2000, 1500)])
+    kib = sum(map(len, images)) / len(images) / 1024
+    print(f"bench: {len(images)} JPEGs (half 500x375, half 2000x1500), {kib:.0f} KiB on average", flush=True)
+    results: dict = {"settings": vars(args) | {"json": str(args.json) if args.json else None}}
+    with tempfile.TemporaryDirectory(prefix="bitray-bench-") as tmp:
+        photos = Path(tmp) / "photos"
+        photos.mkdir()
+        paths = [photos / f"{i:05d}.jpg" for i in range(len(images))]
+        for path, data in zip(paths, images, strict=True):
+            path.write_bytes(data)
+        with local_ray(args.cpus):
+            results["d_pipeline"] = pipeline(args, str(photos), Path(tmp) / "out", None)
+        print(f"bench: (d) pipeline {results['d_pipeline']}", flush=True)
+        results["e_pillow"] = pillow_loop(paths, args.size, args.cpus)
+        print(f"bench: (e) Pillow, {args.cpus} processes {results['e_pillow']}", flush=True)
+        results["f_decode_one_core"] = decode_one_core(paths, args)
+        print(f"bench: (f) bitray's decode stage, one process {results['f_decode_one_core']}", flush=True)
+        results["g_model_only"] = model_only(args, images)
+        print(f"bench: (g) model only {results['g_model_only']}", flush=True)
+    d, e, f, g = (results[k] for k in ("d_pipeline", "e_pillow", "f_decode_one_core", "g_model_only"))
+    results["ratios"] = {
+        "d_over_e_steady": _ratio(d["images_per_s_steady"], e["images_per_s"]),
+        "d_over_e_end_to_end": _ratio(d["images_per_s_end_to_end"], e["images_per_s"]),
+        "f_over_e_per_core": _ratio(f["images_per_s"] * args.cpus, e["images_per_s"]),
+        "g_over_e": _ratio(g["images_per_s"], e["images_per_s"]),
+    }
+    return results
+
+
+def decode_one_core(paths: list[Path], args: argparse.Namespace) -> dict:
+    """(f): the pipeline's decode stage (``decode_batch``: read, fast decode, one block per model batch)
+    in this process alone, to compare per core with (e)."""
+    import pyarrow as pa
+
+    from bitray.config import StorageConfig
+    from bitray.embed.decode import decode_batch
+    from bitray.embed.ranges import RowRanges
+    from bitray.embed.sandbox import DecodeOptions
+
+    rows = pa.table(
+        {
+            "row": pa.array(range(len(paths)), pa.int64()),
+            "path": [str(p) for p in paths],
+            "etag": pa.array([None] * len(paths), pa.string()),
+            "size": pa.array([p.stat().st_size for p in paths], pa.int64()),
+            "mtime_ns": pa.array([p.stat().st_mtime_ns for p in paths], pa.int64()),
+        }
+    )
+    start = time.perf_counter()
+    for i in range(0, len(paths), args.batch_size):
+        decode_batch(
+            rows.slice(i, args.batch_size),
+            storage_config=StorageConfig(),
+            options=DecodeOptions((args.size, args.size)),
+            committed=RowRanges().as_arrays(),
+        )
+    seconds = time.perf_counter() - start
+    return {"images": len(paths), "seconds": round(seconds, 3), "images_per_s": len(paths) / seconds}
+
+
+def actor_share(args: argparse.Namespace) -> dict:
+    """The actor's call time outside its forward pass, on blocks the decode stage made."""
+    import pyarrow as pa
+    from photos import varied_jpegs
+    from ray.data.block import BlockAccessor
+
+    from bitray.config import StorageConfig
+    from bitray.embed.actor import EmbedActor
+    from bitray.embed.decode import decode_batch
+    from bitray.embed.ranges import RowRanges
+    from bitray.embed.sandbox import DecodeOptions
+    from bitray.storage import list_objects
+
+    images = varied_jpegs(args.n, [(500, 375), (2000, 1500)])
+    with tempfile.TemporaryDirectory(prefix="bitray-bench-") as tmp:
+        for i, data in enumerate(images):
+            (Path(tmp) / f"{i:05d}.jpg").write_bytes(data)
+        listed = list(list_objects(tmp))
+        rows = pa.table(
+            {
+                "row": pa.array(range(len(listed)), pa.int64()),
+                "path": [o.uri for o in listed],
+                "etag": pa.array([o.etag for o in listed], pa.string()),
+                "size": pa.array([o.size for o in listed], pa.int64()),
+                "mtime_ns": pa.array([o.mtime_ns for o in listed], pa.int64()),
+            }
+        )
+        blocks = [
+            decode_batch(
+                rows.slice(i, args.batch_size),
+                storage_config=StorageConfig(),
+                options=DecodeOptions((args.size, args.size)),
+                committed=RowRanges().as_arrays(),
+            )
+            for i in range(0, rows.num_rows, args.batch_size)
+        ]
+    actor = EmbedActor(model_spec=f"random:{args.arch}", storage=StorageConfig(), threads=args.cpus)
+    to_numpy = lambda block: BlockAccessor.for_block(block).to_batch_format("numpy")  # noqa: E731
+    actor(to_numpy(blocks[0]))  # trace and warm up
+    actor.timing.reset()
+    convert_s = 0.0
+    for block in blocks:
+        start = time.perf_counter()
+        batch = to_numpy(block)
+        convert_s += time.perf_counter() - start
+        actor(batch)
+    timing = actor.timing
+    return {
+        "model": f"random:{args.arch}",
+        "images": timing.rows,
+        "batches": timing.calls,
+        "call_s": round(timing.call_s, 3),
+        "forward_s": round(timing.forward_s, 3),
+        "outside_forward_share": round(timing.outside_share, 4),
+        "block_to_numpy_s": round(convert_s, 4),
+        "outside_forward_share_with_conversion": round(1 - timing.forward_s / (timing.call_s + convert_s), 4),
+    }
+
+
 def _ratio(x: float | None, y: float | None) -> float | None:
     return round(x / y, 3) if x and y else None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.mode != "compare":
+        print(f"bench: mode={args.mode} arch={args.arch} n={args.n} size={args.size} "
+              f"batch={args.batch_size} cpus={args.cpus}", flush=True)  # fmt: skip
+        results = cpu_stage(args) if args.mode == "cpu-stage" else {"actor": actor_share(args)}
+        print(json.dumps(results, indent=2, default=str))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        return 0
     import boto3
 
     print(
@@ -343,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         upload(client, "scaled/", images, copies=args.scale)
         for key, prefix in (("b_pipeline", "n/"), ("b_pipeline_scaled", "scaled/")):
             with local_ray(args.cpus):  # a fresh instance per run: idle workers of a run skew the next's RSS
-                results[key] = pipeline(args, prefix, workdir / f"out-{key}", moto.pid)
+                results[key] = pipeline(args, f"s3://{BUCKET}/{prefix}", workdir / f"out-{key}", moto.pid)
             print(f"bench: (b) {prefix} {results[key]}", flush=True)
         results["a_model_only"] = model_only(args, images)
         print(f"bench: (a) {results['a_model_only']}", flush=True)

@@ -97,6 +97,15 @@ class EmbedConfig(Section):
     """Decompression-bomb limit per image; default: the images module's limit."""
     max_bytes: int | None = Field(256 * 2**20, ge=1)
     """Objects larger than this (by their listed size) are error rows without being read; null: no cap."""
+    max_decode_mb: int = Field(1200, ge=1)
+    """What decoding one image may allocate, estimated from its header before any pixel is decoded (mode,
+    size, the copies of the conversion to RGB; ``bitray.images.DEFAULT_MAX_DECODE_BYTES`` says why 1200):
+    larger images are error rows. Each decode task reserves this much memory from Ray."""
+    decode: Literal["fast", "exact"] = "fast"
+    """``fast``: JPEGs decoded at a reduced DCT scale (never below the model size) and other images
+    box-reduced by an integer factor before the antialiased resize, several times faster on photos larger
+    than the model input; pixels differ by about 1/255 on average (README, "Decode choice"). ``exact``:
+    full-resolution decode, bit-identical to bitray before the fast decode. A run keeps its own choice."""
     output: str = "./bitray-output/embeddings"
     shared_storage: bool = False
     """Local input/output paths are on storage every Ray node mounts (e.g. NFS). Without it, local paths

@@ -87,6 +87,15 @@ def png_header_only(width: int, height: int) -> bytes:
     return _png(width, height, 8, 2, zlib.compress(b"\0" * 64))
 
 
+def png_bomb(width: int, height: int) -> bytes:
+    """A real, valid 16-bit RGBA PNG of ``width`` x ``height`` transparent zeros: about 1/1000 of its pixel
+    count in bytes (600 KB for 9000x9000), but decoding it through RGBA compositing takes gigabytes."""
+    row = b"\0" * (width * 8 + 1)  # filter byte, then 4 samples of 2 bytes per pixel
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    return _png(width, height, 16, 6, idat)
+
+
 def rgb16() -> np.ndarray:
     """16-bit RGB: the coffee photo times 257, with 65535 and 32768 in the first pixel."""
     rgb = photo("coffee").astype(np.uint16) * 257

@@ -6,6 +6,7 @@ a finished run, and incremental runs over new, changed and unchanged objects.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -34,13 +35,18 @@ def direct_model():
     return load_model("random:tiny")
 
 
-def direct_embedding(loaded, data: bytes) -> np.ndarray:
-    from bitray.images import decode_image, resize_for_model
+def direct_embedding(loaded, data: bytes, *, exact: bool) -> np.ndarray:
+    """The model on the pixels of ``decode: fast`` (``prepare_for_model``) or of a full-resolution decode."""
+    from bitray.images import decode_image, prepare_for_model, resize_for_model
 
-    return loaded.model(resize_for_model(decode_image(data).pixels, (SIZE, SIZE))[None]).numpy()[0]
+    if exact:
+        pixels = resize_for_model(decode_image(data).pixels, (SIZE, SIZE))
+    else:
+        pixels = prepare_for_model(data, (SIZE, SIZE))[0].astype(np.float32) * np.float32(1 / 255)
+    return loaded.model(pixels[None]).numpy()[0]
 
 
-def check_corpus_output(emb, err, name_of, loaded, run_id: str) -> None:
+def check_corpus_output(emb, err, name_of, loaded, run_id: str, *, exact: bool) -> None:
     """Every corpus item is one embedding row or one error row with its reason, as the corpus says."""
     items = corpus()
     assert sorted(name_of(p) for p in [*emb.path, *err.path]) == sorted(items)  # each exactly once
@@ -52,7 +58,8 @@ def check_corpus_output(emb, err, name_of, loaded, run_id: str) -> None:
         item = items[name_of(row.path)]
         assert item.expected == "embedded"
         assert (row.width, row.height) == item.stored_size
-        diff = np.abs(np.asarray(row.embedding, np.float32) - direct_embedding(loaded, item.data)).max()
+        direct = direct_embedding(loaded, item.data, exact=exact)
+        diff = np.abs(np.asarray(row.embedding, np.float32) - direct).max()
         assert diff < 1e-5, f"{item.name}: embedding differs from the direct model call by {diff}"
     assert set(emb.model) == {loaded.model_id} and set(emb.run_id) == {run_id} == set(err.run_id)
 
@@ -65,7 +72,9 @@ def test_local_output_contract_corpus_and_rerun(ray_local, tmp_path, direct_mode
     assert "bitray: run corpus" in capsys.readouterr().out
 
     emb, err = read_output(out)
-    check_corpus_output(emb, err, lambda p: os.path.relpath(p, root), direct_model, "corpus")
+    check_corpus_output(emb, err, lambda p: os.path.relpath(p, root), direct_model, "corpus", exact=False)
+    params = json.loads((out / "_bitray" / "runs" / "corpus" / "run.json").read_text())
+    assert (params["decode"], params["max_decode_mb"]) == ("fast", 1200)  # the defaults, kept by the run
     schema = ds.dataset(out / "embeddings").schema  # plain pyarrow over the prefix: no staging files
     assert schema.field("embedding").type == pa.list_(pa.float32(), direct_model.feature_dim)
     for name in ("path", "model", "width", "height", "etag", "size", "mtime", "run_id"):
@@ -81,8 +90,9 @@ def test_local_output_contract_corpus_and_rerun(ray_local, tmp_path, direct_mode
     assert summary.model_id == direct_model.model_id and summary.images_per_s > 0
     assert read_summary(out, "corpus")["embedded"] == summary.embedded
 
-    before = snapshot(out)  # a finished run, run again: nothing changes
-    again = run_embedding(tiny_config([str(root)], str(out), run_id="corpus"))
+    before = snapshot(out)  # a finished run, run again: nothing changes, it keeps its own settings
+    again = run_embedding(tiny_config([str(root)], str(out), run_id="corpus", decode="exact"))
+    assert "keeps its own settings: decode fast (not exact)" in capsys.readouterr().out
     assert snapshot(out) == before
     assert (again.inputs, again.embedded, again.processed) == (summary.inputs, summary.embedded, 0)
 
@@ -99,12 +109,12 @@ def test_s3_output_contract_corpus(s3_server, s3_bucket, ray_local, direct_model
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     keys = upload_s3(client, s3_bucket, "photos/")  # also a directory marker, which is no input
     out = f"s3://{s3_bucket}/out/run"
-    summary = run_embedding(tiny_config([f"s3://{s3_bucket}/photos/"], out, run_id="s3run"))
+    summary = run_embedding(tiny_config([f"s3://{s3_bucket}/photos/"], out, run_id="s3run", decode="exact"))
 
     prefix = f"s3://{s3_bucket}/photos/"
     fs = s3_filesystem(StorageConfig())
     emb, err = read_output(f"{s3_bucket}/out/run", filesystem=fs)
-    check_corpus_output(emb, err, lambda p: p.removeprefix(prefix), direct_model, "s3run")
+    check_corpus_output(emb, err, lambda p: p.removeprefix(prefix), direct_model, "s3run", exact=True)
     assert summary.inputs == len(keys) and f"{prefix}{DIRECTORY_MARKER}" not in set(emb.path) | set(err.path)
     etags = {o["Key"]: o["ETag"].strip('"') for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
     assert all(

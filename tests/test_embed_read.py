@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from image_corpus import corpus
+from image_corpus import corpus, encode, png_bomb
 
 from bitray.config import StorageConfig
 from bitray.embed.decode import decode_batch
 from bitray.embed.ranges import RowRanges
 from bitray.embed.sandbox import DecodeOptions
+from bitray.images import prepare_for_model
 from bitray.storage import list_objects
 
 NOTHING_COMMITTED = RowRanges().as_arrays()
 
 
-def run_stage(objects, storage=None, committed=NOTHING_COMMITTED):  # noqa: ANN001, ANN201
+def run_stage(objects, storage=None, committed=NOTHING_COMMITTED, **options):  # noqa: ANN001, ANN201
     batch = pa.table(
         {
             "row": pa.array(range(len(objects)), pa.int64()),
@@ -26,7 +27,10 @@ def run_stage(objects, storage=None, committed=NOTHING_COMMITTED):  # noqa: ANN0
         }
     )
     out = decode_batch(
-        batch, storage_config=storage or StorageConfig(), options=DecodeOptions((32, 32)), committed=committed
+        batch,
+        storage_config=storage or StorageConfig(),
+        options=DecodeOptions((32, 32), **options),
+        committed=committed,
     )
     rows = out.drop_columns(["pixels"]).to_pylist()
     pixels = out.column("pixels").combine_chunks().to_numpy_ndarray()
@@ -47,6 +51,23 @@ def test_local_object_changed_after_listing_is_a_read_error(tmp_path):
     assert pixels.dtype == np.uint8 and pixels.max() > 0  # uint8 travels; the model scales it
     assert [(e["path"], e["stage"]) for e in errors] == [(str(tmp_path / "changed.jpg"), "read")]
     assert "changed after it was listed" in errors[0]["error"]
+
+
+def test_decode_choice_and_memory_budget_reach_the_decoder(tmp_path):
+    from skimage import data as skdata
+
+    photo = encode(np.repeat(np.repeat(skdata.astronaut(), 2, axis=0), 2, axis=1), "JPEG", quality=90)
+    (tmp_path / "a-photo.jpg").write_bytes(photo)  # 1024x1024: drafted to 1/8 for 32x32
+    (tmp_path / "b-bomb.png").write_bytes(png_bomb(6000, 6000))  # 36 MP RGBA: about 927 MB to decode
+    listed = list(list_objects(str(tmp_path)))
+    for exact in (False, True):
+        pixels, images, errors = run_stage(listed, exact=exact, max_decode_bytes=512 * 2**20)
+        assert [i["path"] for i in images] == [str(tmp_path / "a-photo.jpg")]
+        np.testing.assert_array_equal(pixels[0], prepare_for_model(photo, (32, 32), exact=exact)[0])
+        assert [(e["path"], e["stage"]) for e in errors] == [(str(tmp_path / "b-bomb.png"), "decode")]
+        assert "needs about 927 MB, over the decode-memory budget of 512 MB" in errors[0]["error"]
+    fast, exact = (prepare_for_model(photo, (32, 32), exact=e)[0] for e in (False, True))
+    assert not np.array_equal(fast, exact)  # so the loop above tells the two apart
 
 
 def test_committed_rows_are_not_read_again(tmp_path):

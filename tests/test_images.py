@@ -14,6 +14,7 @@ from image_corpus import (
     exif_rotated_jpeg,
     grey16,
     photo,
+    png_bomb,
     png_header_only,
     rgb16,
 )
@@ -21,8 +22,10 @@ from PIL import Image, ImageFile
 
 from bitray.errors import BitrayError
 from bitray.images import (
+    DEFAULT_MAX_DECODE_BYTES,
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
+    decode_bytes_estimate,
     decode_image,
     prepare_for_model,
     resize_for_model,
@@ -283,3 +286,111 @@ def test_min_size_keeps_orientation_and_leaves_other_formats_alone() -> None:
     assert reduced.pixels.shape == (451 // 4 + 1, 300 // 4, 3)  # rotated; libjpeg rounds sizes up
     bmp = ITEMS["photo.bmp"].data
     assert decode_image(bmp, min_size=(32, 32)).pixels.shape == decode_image(bmp).pixels.shape
+
+
+# --- fast decode (the pipeline's default) and exact decode ------------------------------------------------
+
+
+def _large_photo(name: str, fmt: str, size: tuple[int, int] = (2000, 1500), **options) -> bytes:
+    """A scikit-image photo upscaled to ``size`` (w, h), as a camera-sized file."""
+    from skimage import data as skdata
+
+    image = Image.fromarray(getattr(skdata, name)()).convert("RGB")
+    buffer = io.BytesIO()
+    image.resize(size, Image.Resampling.BICUBIC).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee"])
+def test_fast_decode_of_a_large_jpeg_is_smaller_before_the_resize_and_close_to_exact(name: str) -> None:
+    data = _large_photo(name, "JPEG", quality=90)
+    drafted = decode_image(data, min_size=(224, 224))
+    assert drafted.pixels.shape == (375, 500, 3)  # 1/4 scale: 1/8 would leave 188 < 224 rows
+    fast, width, height = prepare_for_model(data, (224, 224))
+    exact, *_ = prepare_for_model(data, (224, 224), exact=True)
+    assert (width, height) == (2000, 1500) and fast.shape == exact.shape == (224, 224, 3)
+    difference = np.abs(fast.astype(np.int16) - exact)
+    # measured on these photos: mean 0.41-0.46, max 8-9 (of 255)
+    assert 0 < difference.mean() < 1.0 and difference.max() <= 16
+
+
+def test_exact_decode_is_byte_identical_to_full_decode_then_one_resize() -> None:
+    for data in (_large_photo("chelsea", "JPEG", quality=90), _large_photo("rocket", "PNG")):
+        exact, *_ = prepare_for_model(data, (224, 224), exact=True)
+        full = decode_image(data).pixels
+        assert full.shape == (1500, 2000, 3)
+        expected = np.asarray(Image.fromarray(full).resize((224, 224), Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(exact, expected)
+
+
+def test_fast_decode_box_reduces_other_formats_by_integer_factors_first() -> None:
+    data = _large_photo("rocket", "PNG")
+    full = decode_image(data, min_size=(224, 224)).pixels  # PNG has no draft: full size
+    assert full.shape == (1500, 2000, 3)
+    fast, *_ = prepare_for_model(data, (224, 224))
+    # 2000 / 224 / 2 -> 4 and 1500 / 224 / 2 -> 3: a 500x500 box reduction, then the antialiased resize
+    reduced = Image.fromarray(full).reduce((4, 3))
+    assert reduced.size == (500, 500)
+    np.testing.assert_array_equal(fast, np.asarray(reduced.resize((224, 224), Image.Resampling.BILINEAR)))
+    exact, *_ = prepare_for_model(data, (224, 224), exact=True)
+    difference = np.abs(fast.astype(np.int16) - exact)
+    assert 0 < difference.mean() < 1.0  # measured: 0.23
+    small = ITEMS["photo.bmp"].data  # 96x64 to 32x32: no reduction pays, so none happens
+    np.testing.assert_array_equal(
+        prepare_for_model(small, (32, 32))[0], prepare_for_model(small, (32, 32), exact=True)[0]
+    )
+
+
+def test_fast_decode_of_a_rotated_jpeg_to_a_non_square_size() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 2000x1500 landscape, shown as 1500x2000 portrait
+    data = _large_photo("coffee", "JPEG", quality=90, exif=exif.tobytes())
+    assert decode_image(data, min_size=(320, 240)).pixels.shape == (500, 375, 3)  # 1/4, then rotated
+    fast, width, height = prepare_for_model(data, (320, 240))
+    exact, *_ = prepare_for_model(data, (320, 240), exact=True)
+    assert (width, height) == (2000, 1500) and fast.shape == (320, 240, 3)
+    assert np.abs(fast.astype(np.int16) - exact).mean() < 1.0
+
+
+# --- the decode-memory budget ----------------------------------------------------------------------------
+
+
+def test_png_bomb_within_the_pixel_limit_is_refused_from_its_header() -> None:
+    bomb = png_bomb(9000, 9000)  # 81 MP, under the 100 MP limit; about 600 KB
+    assert len(bomb) < 1_000_000 and DEFAULT_MAX_PIXELS > 9000 * 9000
+    decode_image(ITEMS["one-pixel.png"].data)  # warm up Pillow's plugins
+    before = _allocated_mb()
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError) as caught:
+        prepare_for_model(bomb, (224, 224))
+    assert time.perf_counter() - start < 0.5  # decoding 81 MP of PNG alone takes seconds
+    assert _allocated_mb() - before < 50, "Pillow allocated image memory for a bomb"
+    message = str(caught.value)
+    assert message == (  # 81 MP x 27 bytes: RGBA, a rotated copy, compositing onto white, RGB, the array
+        "decoding 9000x9000 RGBA pixels needs about 2086 MB, over the decode-memory budget of 1200 MB; "
+        "raise max_decode_mb if intended"
+    )
+    with pytest.raises(ImageDecodeError, match="needs about 2086 MB"):  # exact mode: the same
+        prepare_for_model(bomb, (224, 224), exact=True)
+    small = decode_image(png_bomb(64, 48))  # the same kind of image, small: decodes (to white)
+    assert small.pixels.shape == (48, 64, 3) and (small.pixels == 255).all()
+
+
+def test_decode_budget_default_lets_a_100_megapixel_photo_through_and_not_a_60_megapixel_bomb() -> None:
+    rgb_100mp = Image.open(io.BytesIO(png_header_only(10_000, 10_000)))  # 8-bit RGB header
+    rgba_60mp = Image.open(io.BytesIO(png_bomb(7746, 7746)))
+    assert decode_bytes_estimate(rgb_100mp) == 10_000 * 10_000 * 11 < DEFAULT_MAX_DECODE_BYTES
+    assert decode_bytes_estimate(rgba_60mp) == 7746 * 7746 * 27 > DEFAULT_MAX_DECODE_BYTES
+    grey16_png = Image.open(io.BytesIO(ITEMS["grey16.png"].data))
+    assert grey16_png.mode.startswith("I")
+    assert decode_bytes_estimate(grey16_png) >= grey16_png.width * grey16_png.height * 26
+
+
+def test_decode_budget_counts_the_dct_scale_of_a_fast_jpeg_decode() -> None:
+    data = _large_photo("chelsea", "JPEG", size=(4000, 3000), quality=80)  # 12 MP, 132 MB to decode
+    budget = 64 * 2**20
+    with pytest.raises(ImageDecodeError, match=r"4000x3000 RGB pixels needs about 126 MB.* 64 MB"):
+        prepare_for_model(data, (224, 224), max_decode_bytes=budget, exact=True)
+    pixels, width, height = prepare_for_model(data, (224, 224), max_decode_bytes=budget)  # 500x375
+    assert pixels.shape == (224, 224, 3) and (width, height) == (4000, 3000)
+    assert decode_image(data).pixels.shape == (3000, 4000, 3)  # the default budget holds it whole

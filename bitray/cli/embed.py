@@ -77,6 +77,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="CPU actors' compute (default float32); bfloat16 needs avx512_bf16 or amx_bf16 and an "
         "npz: or random: model",
     )
+    embed.add_argument(
+        "--decode",
+        choices=("fast", "exact"),
+        help="fast (default): DCT-scaled JPEG decode and box reduction before the resize; "
+        "exact: full-resolution decode, bit-identical pixels",
+    )
+    embed.add_argument(
+        "--max-decode-mb", type=int, metavar="MB", help="memory one image's decode may take (default 1200)"
+    )
     embed.set_defaults(func=run_embed)
 
     demo = subparsers.add_parser(
@@ -118,6 +127,8 @@ def run_embed(args: argparse.Namespace) -> int:
         "gpus_per_actor": args.gpus_per_actor,
         "cpus_per_actor": args.cpus_per_actor,
         "cpu_precision": args.cpu_precision,
+        "decode": args.decode,
+        "max_decode_mb": args.max_decode_mb,
         **parse_actors(args.actors),
     }
     config = load_config(EmbedConfig, args.config, overrides)

@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--run-id", metavar="ID", help="resume (or re-run, a no-op when finished) this run")
     predict.add_argument("--incremental", action="store_true", default=None,
                          help="classify only object versions not yet recorded under --output")  # fmt: skip
+    predict.add_argument("--decode", choices=("fast", "exact"),
+                         help="fast (default) or exact: full-resolution (bitray embed)")  # fmt: skip
     predict.set_defaults(func=run_predict)
 
 
@@ -47,6 +49,7 @@ def run_predict(args: argparse.Namespace) -> int:
         "top_k": args.top_k,
         "run_id": args.run_id,
         "incremental": args.incremental,
+        "decode": args.decode,
         "image_size": args.image_size or trained_size(args.model),
     }
     config = load_config(EmbedConfig, args.config, overrides)

@@ -56,6 +56,8 @@ class RunParams(BaseModel):
     rows_per_file: int
     max_pixels: int | None
     max_bytes: int | None
+    max_decode_mb: int = 1200
+    decode: Literal["fast", "exact"] = "exact"  # runs begun before the fast decode existed decoded exactly
     actors_min: int
     actors_max: int | None
     gpus_per_actor: float | None
@@ -98,6 +100,8 @@ class RunParams(BaseModel):
             rows_per_file=config.rows_per_file,
             max_pixels=config.max_pixels,
             max_bytes=config.max_bytes,
+            max_decode_mb=config.max_decode_mb,
+            decode=config.decode,
             actors_min=config.actors_min,
             actors_max=config.actors_max,
             gpus_per_actor=config.gpus_per_actor,
@@ -147,9 +151,9 @@ class RunParams(BaseModel):
     def differences(self, config: EmbedConfig) -> list[str]:
         """Settings of ``config`` that differ from the run's own (the run keeps its own)."""
         mine = {"model": self.model, "image_size": self.image_size, "batch_size": self.batch_size,
-                "rows_per_file": self.rows_per_file}  # fmt: skip
+                "rows_per_file": self.rows_per_file, "decode": self.decode}  # fmt: skip
         theirs = {"model": config.model, "image_size": config.size_hw(), "batch_size": config.batch_size,
-                  "rows_per_file": config.rows_per_file}  # fmt: skip
+                  "rows_per_file": config.rows_per_file, "decode": config.decode}  # fmt: skip
         return [f"{key} {mine[key]} (not {theirs[key]})" for key in mine if mine[key] != theirs[key]]
 
 

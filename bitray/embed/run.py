@@ -266,11 +266,13 @@ def _stream(
             "max_bytes": params.max_bytes,
             "committed": committer.committed.as_arrays(),
             "ledger": ledger,
+            "max_decode_bytes": params.max_decode_mb * 2**20,
+            "exact": params.decode == "exact",
         },
         # Reserving the memory a decoded batch needs also keeps this a separate operator: Ray would
         # otherwise fuse it into its neighbours, and decoding would stall the model instead of overlapping it.
         num_cpus=1,
-        memory=_decode_memory(params.batch_size, params.image_size),
+        memory=_decode_memory(params.batch_size, params.image_size, params.max_decode_mb),
     )
     ds = ds.map_batches(
         EmbedActor,
@@ -347,9 +349,10 @@ def _rows_per_item(params: RunParams, pending: list[Range], resources: ActorReso
     return max(4 * params.batch_size, min(PART_ROWS, batches * params.batch_size))
 
 
-def _decode_memory(batch_size: int, size: tuple[int, int]) -> int:
-    """Bytes a decode task may hold: a batch of uint8 pixels twice over, plus one large decoded photo."""
-    return 2 * batch_size * size[0] * size[1] * 3 + 256 * 2**20
+def _decode_memory(batch_size: int, size: tuple[int, int], max_decode_mb: int) -> int:
+    """Bytes a decode task may hold: a batch of uint8 pixels twice over, plus the decode-memory budget of
+    the one image it decodes at a time (``bitray.images`` refuses images over it from their header)."""
+    return 2 * batch_size * size[0] * size[1] * 3 + max_decode_mb * 2**20
 
 
 def _write_memory(rows_per_file: int) -> int:

@@ -25,7 +25,7 @@ from typing import BinaryIO
 import numpy as np
 
 from bitray.errors import BitrayError
-from bitray.images import DEFAULT_MAX_PIXELS, ImageDecodeError, prepare_for_model
+from bitray.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, prepare_for_model
 
 CRASH_MARKER_ENV = "BITRAY_TEST_DECODER_CRASH_MARKER"
 """Tests only: the decoder aborts its process (SIGABRT) on any image whose bytes contain this marker, which
@@ -38,6 +38,9 @@ class DecodeOptions:
 
     size: tuple[int, int]
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+    exact: bool = False
+    """``decode: exact``: full-resolution decode; else the fast decode (``bitray.images``)."""
 
 
 def decode_for_model(data: bytes, options: DecodeOptions) -> tuple[np.ndarray, int, int]:
@@ -45,7 +48,13 @@ def decode_for_model(data: bytes, options: DecodeOptions) -> tuple[np.ndarray, i
     marker = os.environ.get(CRASH_MARKER_ENV)
     if marker and marker.encode() in data:
         os.abort()
-    return prepare_for_model(data, options.size, max_pixels=options.max_pixels)
+    return prepare_for_model(
+        data,
+        options.size,
+        max_pixels=options.max_pixels,
+        max_decode_bytes=options.max_decode_bytes,
+        exact=options.exact,
+    )
 
 
 class DecoderCrashed(BitrayError):
