@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import CRASH_COLOUR, CRASH_MARKER
 from embed_fixtures import SIZE, read_output, tiny_config, write_photos
+from image_corpus import png_bomb
 from PIL import Image
 
 from bitray.embed import run_embedding
@@ -55,21 +56,24 @@ def test_the_sandbox_survives_an_image_that_aborts_its_decoder(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_image_that_kills_its_decode_worker_becomes_an_error_row(tmp_path, ray_local):
+def test_images_that_kill_or_would_exhaust_their_decoder_become_error_rows(tmp_path, ray_local):
     photos = write_photos(tmp_path / "in", 11)
     poison = tmp_path / "in" / "img-0-005b-poison.jpg"
     poison.write_bytes(crashing_jpeg())
+    bomb = tmp_path / "in" / "img-0-007b-bomb.png"
+    bomb.write_bytes(png_bomb(9000, 9000))  # 81 MP, within the pixel limit; 2 GB to decode
     out = tmp_path / "out"
     config = tiny_config([str(tmp_path / "in")], str(out), batch_size=4, rows_per_file=64, run_id="poisoned")
 
     summary = run_embedding(config)
 
-    assert (summary.inputs, summary.embedded, summary.errored) == (12, 11, 1)
+    assert (summary.inputs, summary.embedded, summary.errored) == (13, 11, 2)
     emb, err = read_output(out)
     assert sorted(emb.path) == sorted(str(p) for p in photos)  # every other image, once
-    assert err.path.tolist() == [str(poison)]
-    assert err.stage.tolist() == ["decode"]
-    assert "crashed the decoder process (killed by SIGABRT)" in err.error.iloc[0]
+    errors = dict(zip(err.path, err.error, strict=True))
+    assert sorted(errors) == [str(poison), str(bomb)] and set(err.stage) == {"decode"}
+    assert "crashed the decoder process (killed by SIGABRT)" in errors[str(poison)]
+    assert "over the decode-memory budget" in errors[str(bomb)]  # refused from its header
 
 
 @pytest.mark.slow
