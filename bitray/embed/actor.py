@@ -164,20 +164,7 @@ class EmbedActor:
         rows = batch["row"]
         key = f"model:{rows[0]}:{len(rows)}" if len(rows) else "model:empty"
         attempt = Attempt(self.ledger, key, wait=self.restarted)
-        forward_s = 0.0
-        if ok.all() and not attempt.crashed_before:  # the usual batch: no masked copy, no zeroed outputs
-            forward_started = time.perf_counter()
-            outputs = self._forward(batch["pixels"])
-            forward_s = time.perf_counter() - forward_started
-        else:
-            outputs = np.zeros((len(ok), self.head.width), np.float32)
-            forward_started = time.perf_counter()
-            if attempt.crashed_before:
-                self._one_by_one(batch, ok, outputs, stage, error)
-            elif ok.any():
-                outputs[ok] = self._forward(batch["pixels"][ok])
-            if attempt.crashed_before or ok.any():
-                forward_s = time.perf_counter() - forward_started
+        outputs, forward_s = self._run_model(batch, ok, stage, error, attempt.crashed_before)
         bad = ok & ~np.isfinite(outputs).all(axis=1)
         if bad.any():
             stage[bad], error[bad] = "embed", "ValueError: the model gave non-finite outputs"
@@ -196,6 +183,27 @@ class EmbedActor:
         )
         self.timing.add(len(ok), time.perf_counter() - started, forward_s)
         return table
+
+    def _run_model(
+        self,
+        batch: dict[str, np.ndarray],
+        ok: np.ndarray,
+        stage: np.ndarray,
+        error: np.ndarray,
+        crashed_before: bool,
+    ) -> tuple[np.ndarray, float]:
+        """The model's outputs for every row (zeros where there is no image) and the seconds it took."""
+        started = time.perf_counter()
+        if crashed_before:
+            outputs = np.zeros((len(ok), self.head.width), np.float32)
+            self._one_by_one(batch, ok, outputs, stage, error)
+        elif ok.all():  # the usual batch: no masked copy of the pixels, no zeroed outputs
+            outputs = self._forward(batch["pixels"])
+        else:
+            outputs = np.zeros((len(ok), self.head.width), np.float32)
+            if ok.any():
+                outputs[ok] = self._forward(batch["pixels"][ok])
+        return outputs, time.perf_counter() - started
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
         abort_on_colour(pixels, self.crash_colour)  # tests only; nothing when unset
