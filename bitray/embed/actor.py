@@ -193,16 +193,17 @@ class EmbedActor:
         crashed_before: bool,
     ) -> tuple[np.ndarray, float]:
         """The model's outputs for every row (zeros where there is no image) and the seconds it took."""
+        if not crashed_before and ok.all():  # the usual batch: no masked copy of the pixels, no zeroing
+            started = time.perf_counter()
+            return self._forward(batch["pixels"]), time.perf_counter() - started
+        outputs = np.zeros((len(ok), self.head.width), np.float32)
+        if not ok.any():
+            return outputs, 0.0
         started = time.perf_counter()
         if crashed_before:
-            outputs = np.zeros((len(ok), self.head.width), np.float32)
             self._one_by_one(batch, ok, outputs, stage, error)
-        elif ok.all():  # the usual batch: no masked copy of the pixels, no zeroed outputs
-            outputs = self._forward(batch["pixels"])
         else:
-            outputs = np.zeros((len(ok), self.head.width), np.float32)
-            if ok.any():
-                outputs[ok] = self._forward(batch["pixels"][ok])
+            outputs[ok] = self._forward(batch["pixels"][ok])
         return outputs, time.perf_counter() - started
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
