@@ -12,15 +12,25 @@ from PIL import Image, ImageOps
 
 SKLEARN = ("china.jpg", "flower.jpg")
 SKIMAGE = ("astronaut", "coffee", "chelsea", "rocket")
+MICROSCOPY = ("immunohistochemistry", "retina")
+"""Two more of scikit-image's colour images (not scenes), where the installed version has them."""
 
 
-def sample_photos() -> dict[str, np.ndarray]:
-    """The six colour photographs by name (427x640 to 512x512)."""
+def sample_photos(extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The six colour photographs by name (427x640 to 512x512), plus those of ``extra`` that scikit-image
+    ships in this version (some are fetched on first use, which cannot happen offline)."""
     from skimage import data
     from sklearn.datasets import load_sample_image
 
     photos = {name.removesuffix(".jpg"): load_sample_image(name) for name in SKLEARN}
     photos.update({name: getattr(data, name)() for name in SKIMAGE})
+    for name in extra:
+        try:
+            pixels = np.asarray(getattr(data, name)())
+        except Exception:  # noqa: BLE001, S112 - missing in this version, or not downloadable offline
+            continue
+        if pixels.ndim == 3 and pixels.shape[-1] == 3:
+            photos[name] = pixels
     return photos
 
 

@@ -30,31 +30,16 @@ import bitray  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is impo
 import numpy as np
 import tensorflow as tf
 import tf_keras
+from photos import MICROSCOPY, sample_photos
 from PIL import Image
 
 from bitray.model.bit import build_bit
 from bitray.precision import cpu_supports_bfloat16
 
 
-def sample_photos(size: int) -> tuple[list[str], np.ndarray]:
-    """Colour sample photos shipped with scikit-learn and scikit-image, resized to ``size``, as uint8."""
-    photos: dict[str, np.ndarray] = {}
-    from sklearn.datasets import load_sample_image
-
-    for name in ("china.jpg", "flower.jpg"):
-        photos[name] = load_sample_image(name)
-    try:
-        import skimage.data
-    except ImportError:
-        skimage = None
-    if skimage is not None:
-        for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina"):
-            try:
-                pixels = np.asarray(getattr(skimage.data, name)())
-            except Exception:  # noqa: BLE001, S112 - a sample this version lacks or cannot fetch offline
-                continue
-            if pixels.ndim == 3 and pixels.shape[-1] == 3:
-                photos[name] = pixels
+def model_inputs(size: int) -> tuple[list[str], np.ndarray]:
+    """The sample photos (``bench/photos.py``, with its microscopy images) resized to ``size``, as uint8."""
+    photos = sample_photos(extra=MICROSCOPY)
     bilinear = Image.Resampling.BILINEAR
     resized = [np.asarray(Image.fromarray(p).resize((size, size), bilinear)) for p in photos.values()]
     return list(photos), np.stack(resized).astype(np.uint8)
@@ -99,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"CPU bfloat16 support (avx512_bf16 / amx_bf16): {cpu_supports_bfloat16()}; {os.cpu_count()} CPUs")
-    names, photos = sample_photos(args.size)
+    names, photos = model_inputs(args.size)
     print(f"{len(names)} photos: {', '.join(names)}")
     shape = (args.batch, args.size, args.size, 3)
     batch = tf.constant(np.random.default_rng(0).integers(0, 256, shape, np.uint8))
