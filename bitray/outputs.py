@@ -16,7 +16,6 @@ from bitray.embed.params import RunParams
 from bitray.embed.run import output_layout
 from bitray.embed.state import IncrementalState
 from bitray.errors import BitrayError
-from bitray.storage import ObjectInfo
 
 
 def _layout(output: str, storage: StorageConfig | None) -> OutputLayout:
@@ -48,7 +47,7 @@ def run_model(output: str, run_id: str, storage: StorageConfig | None = None) ->
     return params.model, params.image_size
 
 
-def open_errors(output: str, storage: StorageConfig | None = None) -> list[ObjectInfo]:
+def open_errors(output: str, storage: StorageConfig | None = None) -> list[retry.OpenError]:
     """Object versions whose latest result is an error row: what ``bitray embed --retry-errors`` takes."""
     layout = _layout(output, storage)
     return retry.open_errors(layout, IncrementalState.load(layout))

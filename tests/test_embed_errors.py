@@ -77,8 +77,9 @@ def test_local_lock_refuses_second_run(tmp_path, monkeypatch):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(b"x")
     layout = output_layout(config([], str(tmp_path / "out")))
-    with open_lock(layout.lock_uri, "holder-run", storage=layout.storage, ttl_s=60), pytest.raises(
-        LockHeld, match="holder-run"
+    with (
+        open_lock(layout.lock_uri, "holder-run", storage=layout.storage, ttl_s=60),
+        pytest.raises(LockHeld, match="holder-run"),
     ):
         run_embedding(config([str(tmp_path / "in")], str(tmp_path / "out")))
     # released: the next attempt gets past the lock (and is stopped by the spy, not the lock)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from embed_fixtures import read_output, tiny_config, write_photos
 
+from bitray.cli import main
 from bitray.embed import dry_run_embedding, run_embedding
 from bitray.outputs import open_errors
 
@@ -43,7 +44,7 @@ def test_retry_errors_embeds_what_works_now_and_keeps_what_still_fails(tmp_path,
 
     first = run_embedding(tiny_config([str(inputs)], str(out), run_id="first"))
     assert (first.inputs, first.embedded, first.errored) == (7, 4, 3)
-    assert [o.uri for o in open_errors(str(out))] == sorted(str(p) for p in (fixed, gone, junk))
+    assert [e.object.uri for e in open_errors(str(out))] == sorted(str(p) for p in (fixed, gone, junk))
 
     restore(fixed, good_bytes)
     gone.unlink()
@@ -59,7 +60,7 @@ def test_retry_errors_embeds_what_works_now_and_keeps_what_still_fails(tmp_path,
     assert "ObjectMissing" in err[(err.run_id == "second") & (err.path == str(gone))].error.iloc[0]
     assert len(err[err.run_id == "first"]) == 3  # rows are never rewritten
     # the vanished version cannot be read again, the fixed one is embedded: only the junk stays open
-    assert [o.uri for o in open_errors(str(out))] == [str(junk)]
+    assert [e.object.uri for e in open_errors(str(out))] == [str(junk)]
 
     third = run_embedding(retry.model_copy(update={"run_id": "third"}))
     assert (third.inputs, third.embedded, third.errored) == (1, 0, 1)
@@ -70,7 +71,9 @@ def test_retry_errors_embeds_what_works_now_and_keeps_what_still_fails(tmp_path,
     assert (fourth.inputs, fourth.embedded, fourth.errored) == (2, 1, 1)
     emb, err = read_output(out)
     assert emb.path.is_unique and str(new) in set(emb.path)
-    assert [o.uri for o in open_errors(str(out))] == [str(junk)]
+    [still] = open_errors(str(out))
+    assert (still.object.uri, still.stage, still.run_id) == (str(junk), "decode", fourth.run_id)
+    assert still.error.startswith("ImageDecodeError: not an image")
 
 
 def test_retry_with_no_open_errors_is_a_run_with_nothing_to_do(tmp_path, ray_local):
@@ -82,3 +85,23 @@ def test_retry_with_no_open_errors_is_a_run_with_nothing_to_do(tmp_path, ray_loc
     assert (summary.inputs, summary.embedded, summary.errored) == (0, 0, 0)
     emb, _ = read_output(out)
     assert len(emb) == 3
+
+
+def test_bitray_errors_lists_the_open_errors_and_a_wrong_output_is_named(tmp_path, ray_local, capsys):
+    inputs = tmp_path / "in"
+    write_photos(inputs, 2)
+    (inputs / "junk.jpg").write_bytes(b"<!DOCTYPE html> not a photo")
+    (inputs / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    run_embedding(tiny_config([str(inputs)], str(out), run_id="once"))
+
+    assert main(["errors", str(out), "--limit", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 open error(s)" in printed and "2  decode  ImageDecodeError" in printed
+    assert f"{inputs / 'empty.jpg'}\tdecode\tImageDecodeError: empty file (0 bytes)" in printed
+    assert "... and 1 more" in printed and "--retry-errors" in printed
+
+    assert main(["errors", str(tmp_path / "typo")]) == 2
+    assert "holds no finished embedding run" in capsys.readouterr().err
+    assert main(["embed", "--output", str(tmp_path / "typo"), "--retry-errors"]) == 2
+    assert "check the output path" in capsys.readouterr().err

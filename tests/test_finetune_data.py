@@ -139,8 +139,21 @@ def test_cli_rejects_a_worker_count_that_does_not_divide_the_batch(tmp_path, cap
     for label in ("a", "b"):
         for i in range(3):
             _png(tmp_path / "data" / label / f"{i}.png")
-    code = main(["finetune", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "m"),
-                 "--workers", "3", "--batch-size", "64", "--model", "random:tiny"])
+    code = main(
+        [
+            "finetune",
+            "--data",
+            str(tmp_path / "data"),
+            "--output",
+            str(tmp_path / "m"),
+            "--workers",
+            "3",
+            "--batch-size",
+            "64",
+            "--model",
+            "random:tiny",
+        ]
+    )
     assert code == 2
     assert "must be divisible by workers 3" in capsys.readouterr().err
 

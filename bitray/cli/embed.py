@@ -88,6 +88,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     embed.set_defaults(func=run_embed)
 
+    errors = subparsers.add_parser(
+        "errors",
+        help="the open errors of an embedding output: what --retry-errors would take",
+        description="List the object versions whose latest result under OUTPUT is an error row, counted by "
+        "stage and error type. Errors of versions changed or deleted since are not open.",
+    )
+    errors.add_argument("output", metavar="OUTPUT", help="embedding output prefix")
+    errors.add_argument("--limit", type=int, default=20, metavar="N", help="errors to print (default 20)")
+    errors.add_argument("--config", metavar="FILE.yaml", help="EmbedConfig YAML, for its storage settings")
+    errors.set_defaults(func=run_errors)
+
     demo = subparsers.add_parser(
         "demo",
         help="embed scikit-image's sample photos on a local Ray (the quickstart)",
@@ -142,6 +153,27 @@ def run_embed(args: argparse.Namespace) -> int:
 
         report = update_index(summary.output, config.index, storage_config=config.storage)
         print(f"bitray: index {report.index}: {report.count} vectors, {report.added} added", flush=True)
+    return 0
+
+
+def run_errors(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from bitray.config import EmbedConfig, load_config
+    from bitray.outputs import open_errors
+
+    config = load_config(EmbedConfig, args.config, {"output": args.output})
+    found = open_errors(config.output, config.storage)
+    print(f"bitray: {len(found)} open error(s) under {config.output}")
+    kinds = Counter((row.stage, row.error.partition(":")[0]) for row in found)
+    for (stage, kind), count in kinds.most_common():
+        print(f"  {count:>10,}  {stage:<7} {kind}")
+    for row in found[: max(0, args.limit)]:
+        print(f"{row.object.uri}\t{row.stage}\t{row.error}")
+    if len(found) > args.limit:
+        print(f"... and {len(found) - args.limit:,} more; bitray.outputs.open_errors() lists them all")
+    if found:
+        print(f"bitray: take them again with: bitray embed --output {config.output} --retry-errors")
     return 0
 
 

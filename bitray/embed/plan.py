@@ -96,13 +96,13 @@ def _statuses(
 ) -> Iterator[tuple[ObjectInfo, Status]]:
     """Each input with its status: listed and diffed, and/or the output's open errors (``retried``)."""
     if config.retry_errors and not config.incremental:  # the recorded errors are the inputs: no listing
-        return ((obj, "retried") for obj in open_errors(layout, state))
+        return ((row.object, "retried") for row in open_errors(layout, state))
     listed = listed_inputs(config, layout.storage)
     recorded = recorded_versions(layout, state) if config.incremental else iter(())
     statuses = diff(listed, recorded)
-    if not config.retry_errors:
+    if not (config.retry_errors and state.finished):  # a first scheduled run has nothing to retry yet
         return statuses
-    retry = {(obj.uri, obj.version) for obj in open_errors(layout, state)}
+    retry = {(row.object.uri, row.object.version) for row in open_errors(layout, state)}
     return ((o, "retried" if s == "unchanged" and (o.uri, o.version) in retry else s) for o, s in statuses)
 
 

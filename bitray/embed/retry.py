@@ -19,6 +19,7 @@ Memory: the output's error rows (paths and versions), small next to its images.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -27,30 +28,46 @@ from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import read_parts
 from bitray.embed.params import RunParams
 from bitray.embed.state import IncrementalState
+from bitray.errors import BitrayError
 from bitray.storage import ObjectInfo
 
 GONE = tuple(f"{cls.__name__}:" for cls in (storage.ObjectChanged, storage.ObjectMissing))
 """Error messages (``Type: message``) that mean the listed version no longer exists."""
 
 
-def open_errors(layout: OutputLayout, state: IncrementalState) -> list[ObjectInfo]:
-    """Object versions whose latest result under the output is an error row of a finished run, by path."""
-    order = {run: i for i, run in enumerate(state.finished)}
-    # (path, version) -> (rank of its latest result, the version if that result is a retryable error);
-    # rank = (run order, 1 for an error row, 0 for having been retried): a run's own error row comes last
-    latest: dict[tuple[str, str], tuple[tuple[int, int], ObjectInfo | None]] = {}
+@dataclass(frozen=True)
+class OpenError:
+    """A recorded error that is still the latest result for its object version."""
 
-    def offer(obj: ObjectInfo, rank: tuple[int, int], still_open: bool) -> None:
+    object: ObjectInfo
+    stage: str
+    error: str
+    run_id: str
+
+
+def open_errors(layout: OutputLayout, state: IncrementalState) -> list[OpenError]:
+    """Object versions whose latest result under the output is an error row of a finished run, by path."""
+    if not state.finished:
+        raise BitrayError(
+            f"{layout.output} holds no finished embedding run, so no recorded errors; check the output path"
+        )
+    order = {run: i for i, run in enumerate(state.finished)}
+    # (path, version) -> (rank of its latest result, the error if that result is a retryable error row);
+    # rank = (run order, 1 for an error row, 0 for having been retried): a run's own error row comes last
+    latest: dict[tuple[str, str], tuple[tuple[int, int], OpenError | None]] = {}
+
+    def offer(obj: ObjectInfo, rank: tuple[int, int], still_open: OpenError | None) -> None:
         key = (obj.uri, obj.version)
         if key not in latest or latest[key][0] < rank:
-            latest[key] = (rank, obj if still_open else None)
+            latest[key] = (rank, still_open)
 
     for run in state.retry_runs:
         for obj in _retried(layout, run):
-            offer(obj, (order[run], 0), still_open=False)
-    for obj, run, error in _error_rows(layout, set(order)):
-        offer(obj, (order[run], 1), still_open=not (error or "").startswith(GONE))
-    return sorted((obj for _, obj in latest.values() if obj is not None), key=lambda o: (o.uri, o.version))
+            offer(obj, (order[run], 0), None)
+    for row in _error_rows(layout, set(order)):
+        offer(row.object, (order[row.run_id], 1), None if row.error.startswith(GONE) else row)
+    found = (row for _, row in latest.values() if row is not None)
+    return sorted(found, key=lambda row: (row.object.uri, row.object.version))
 
 
 def _retried(layout: OutputLayout, run_id: str) -> Iterator[ObjectInfo]:
@@ -62,11 +79,13 @@ def _retried(layout: OutputLayout, run_id: str) -> Iterator[ObjectInfo]:
             yield ObjectInfo(path, size, mtime_ns, etag)
 
 
-def _error_rows(layout: OutputLayout, runs: set[str]) -> Iterator[tuple[ObjectInfo, str, str | None]]:
-    """``(version, run, error)`` of every row in the committed error files of ``runs``."""
-    names = ["path", "etag", "size", "run_id", "error"]
+def _error_rows(layout: OutputLayout, runs: set[str]) -> Iterator[OpenError]:
+    """Every row in the committed error files of ``runs``."""
+    names = ["path", "etag", "size", "stage", "error", "run_id"]
     for table in read_parts(layout.data_files("errors", runs), layout.storage, columns=[*names, "mtime"]):
         mtimes = table.column("mtime").cast(pa.int64()).to_pylist()
         columns = [table.column(n).to_pylist() for n in names]
-        for (path, etag, size, run, error), mtime_ns in zip(zip(*columns, strict=True), mtimes, strict=True):
-            yield ObjectInfo(path, size, mtime_ns, etag), run, error
+        for (path, etag, size, stage, error, run), mtime_ns in zip(
+            zip(*columns, strict=True), mtimes, strict=True
+        ):
+            yield OpenError(ObjectInfo(path, size, mtime_ns, etag), stage or "", error or "", run)
