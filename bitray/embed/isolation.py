@@ -57,8 +57,11 @@ def start_ledger() -> Any:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # on the driver's node (the head, for a job): worker nodes come and go with the autoscaler
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(num_cpus=0, max_restarts=-1)(CrashLedger).options(scheduling_strategy=here).remote()
+    try:
+        where: Any = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    except Exception:  # noqa: BLE001 - e.g. a ray:// client, which has no node of its own
+        where = "DEFAULT"
+    return ray.remote(num_cpus=0, max_restarts=-1)(CrashLedger).options(scheduling_strategy=where).remote()
 
 
 class Attempt:
