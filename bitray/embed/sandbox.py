@@ -135,8 +135,10 @@ def _death(child: subprocess.Popen[bytes]) -> str:
 
 def main() -> None:
     """The child: read the options, then decode each request until end of input; one reply per request."""
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # anything printed by a library must not corrupt the replies
+    stdin = sys.stdin.buffer
+    stdout = os.fdopen(os.dup(1), "wb")  # the replies' own pipe; fd 1 becomes stderr, so that anything
+    os.dup2(2, 1)  # a library prints, from Python or from C, cannot corrupt them
+    sys.stdout = sys.stderr
     options: DecodeOptions = pickle.load(stdin)
     while True:
         try:
