@@ -142,10 +142,10 @@ class EmbedActor:
 
         self.loaded = load_model(model_spec, storage=storage, classifier=task == "classify")
         self.head = ClassHead(self.loaded, top_k) if task == "classify" else FeatureHead(self.loaded)
-        self.ledger = ledger
-        # Ray retries a call that killed an actor on the same actor, restarted; a first incarnation has
-        # seen no crash, so it registers its batches without waiting (a message, not a round trip)
-        self.restarted = _restarted()
+        # Ray retries a call that killed an actor on the same actor, restarted. A first incarnation has
+        # seen no crash and leaves the ledger alone (no traffic at all in the usual run); a restarted one
+        # registers every batch, so that a batch which kills it again is run image by image next time.
+        self.ledger = ledger if _restarted() else None
         self.crash_colour = model_crash_colour()
         model = self.loaded.model
         spec = tf.TensorSpec([None, None, None, 3], tf.uint8)
@@ -163,7 +163,7 @@ class EmbedActor:
         ok = np.array([s is None for s in stage], bool)
         rows = batch["row"]
         key = f"model:{rows[0]}:{len(rows)}" if len(rows) else "model:empty"
-        attempt = Attempt(self.ledger, key, wait=self.restarted)
+        attempt = Attempt(self.ledger, key)
         outputs, forward_s = self._run_model(batch, ok, stage, error, attempt.crashed_before)
         bad = ok & ~np.isfinite(outputs).all(axis=1)
         if bad.any():

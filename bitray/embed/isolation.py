@@ -3,14 +3,16 @@
 Ray Data retries a map task or an actor call whose worker died, without limit. That is right for a lost
 node, and an endless loop for an image that crashes the decoder or the model every time. A ``CrashLedger``
 (one Ray actor per pipeline pass, owned by the driver) counts the attempts of each piece of work that began
-and never ended: a decode work item, a model batch, one image in a model batch. The first attempt of
-anything runs at full speed and costs one small actor call; an attempt that finds an earlier one unfinished
-runs isolated:
+and never ended. An attempt that finds an earlier one unfinished runs isolated:
 
-- a decode work item decodes its images one at a time in a child process (``bitray.embed.sandbox``), so
-  each culprit becomes a ``decode`` error row and the rest of the item is embedded;
-- a model batch runs image by image, each image registered first, so an image that killed an actor once
-  becomes an ``embed`` error row on the next attempt instead of being run again.
+- a decode work item (up to 8,192 images; one round trip to the ledger each) whose worker died decodes its
+  images one at a time in a child process (``bitray.embed.sandbox``), so each culprit becomes a ``decode``
+  error row and the rest of the item is embedded;
+- a model actor uses the ledger only once it has been restarted (Ray retries the call that killed it on
+  the same actor), so the usual run sends it nothing for model batches. A restarted actor registers each
+  batch; a batch that kills it again runs image by image, each image registered first, and the image that
+  kills it once more becomes an ``embed`` error row. An image that crashes the model thus costs three actor
+  restarts, once.
 
 A lost node looks the same to the ledger, and costs only a slower retry of what it held.
 """
@@ -68,21 +70,17 @@ class Attempt:
     """One attempt of ``key`` on ``ledger`` (a ``CrashLedger`` handle, or None: nothing is tracked).
 
     ``earlier`` counts the attempts that died; ``close()`` marks this one ended (call it only on success:
-    an attempt that raised is retried by Ray like any other failure, and is not a crash). ``wait=False``
-    registers the attempt without waiting for the answer (``earlier`` stays 0), for callers that know no
-    earlier attempt died here: a crash right after may then go unregistered, which costs one more crash.
+    an attempt that raised is retried by Ray like any other failure, and is not a crash).
     """
 
-    def __init__(self, ledger: Any, key: str, *, wait: bool = True) -> None:
+    def __init__(self, ledger: Any, key: str) -> None:
         self.ledger, self.key = ledger, key
         self.earlier = 0
         if ledger is not None:
             import ray
 
             try:
-                begun = ledger.begin.remote(key)
-                if wait:
-                    self.earlier = ray.get(begun, timeout=LEDGER_TIMEOUT_S)
+                self.earlier = ray.get(ledger.begin.remote(key), timeout=LEDGER_TIMEOUT_S)
             except (ray.exceptions.RayError, TimeoutError) as exc:  # a lost ledger must not stop the run
                 log.warning("crash ledger unavailable (%s); %s runs unprotected", exc, key)
 
