@@ -29,7 +29,6 @@ from bitray.embed.isolation import Attempt
 from bitray.embed.manifest import read_part
 from bitray.embed.ranges import contains
 from bitray.embed.sandbox import DecodeOptions, DecoderCrashed, SandboxDecoder, decode_for_model
-from bitray.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS
 from bitray.prefetch import prefetched
 from bitray.storage import ObjectInfo
 
@@ -46,23 +45,17 @@ def decode_items(
     *,
     manifest_dir: str,
     storage_config: StorageConfig,
-    size: tuple[int, int],
+    options: DecodeOptions,
     batch_size: int,
-    max_pixels: int | None,
     max_bytes: int | None,
     committed: tuple[np.ndarray, np.ndarray],
     ledger: Any = None,
-    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
-    exact: bool = False,
 ) -> Iterator[pa.Table]:
     """Work items (a manifest part and a row range in it) -> one block of decoded rows per model batch.
 
     ``ledger``: a ``CrashLedger`` handle. An item whose earlier attempt died with its worker is decoded in
     a child process, image by image (``bitray.embed.isolation``).
     """
-    options = DecodeOptions(
-        size=size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_decode_bytes=max_decode_bytes, exact=exact
-    )
     for part, start, stop in zip(
         *(items.column(n).to_pylist() for n in ("part", "start", "stop")), strict=True
     ):

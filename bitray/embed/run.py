@@ -31,9 +31,11 @@ from bitray.embed.params import InputCounts, RunParams, resolved_storage
 from bitray.embed.plan import DryRun, dry_run, start_run
 from bitray.embed.ranges import Range
 from bitray.embed.resources import ActorResources, actor_resources, check_local_paths, joins_existing_cluster
+from bitray.embed.sandbox import DecodeOptions
 from bitray.embed.state import IncrementalState, record_run
 from bitray.embed.write import write_files
 from bitray.errors import BitrayError
+from bitray.images import DEFAULT_MAX_PIXELS
 from bitray.locks import open_lock
 from bitray.precision import check_cpu_precision
 
@@ -260,14 +262,11 @@ def _stream(
         fn_kwargs={
             "manifest_dir": layout.manifest_dir(params.run_id),
             "storage_config": layout.storage,
-            "size": params.image_size,
+            "options": decode_options(params),
             "batch_size": params.batch_size,
-            "max_pixels": params.max_pixels,
             "max_bytes": params.max_bytes,
             "committed": committer.committed.as_arrays(),
             "ledger": ledger,
-            "max_decode_bytes": params.max_decode_mb * 2**20,
-            "exact": params.decode == "exact",
         },
         # Reserving the memory a decoded batch needs also keeps this a separate operator: Ray would
         # otherwise fuse it into its neighbours, and decoding would stall the model instead of overlapping it.
@@ -314,6 +313,16 @@ def _stream(
             raise BitrayError(f"the embedding pipeline stopped: {cause}") from None
         raise
     return processed
+
+
+def decode_options(params: RunParams) -> DecodeOptions:
+    """How the run's decode tasks turn bytes into the model's pixels."""
+    return DecodeOptions(
+        size=params.image_size,
+        max_pixels=params.max_pixels or DEFAULT_MAX_PIXELS,
+        max_decode_bytes=params.max_decode_mb * 2**20,
+        exact=params.decode == "exact",
+    )
 
 
 def work_items(params: RunParams, pending: list[Range], rows_per_item: int) -> list[dict[str, Any]]:
