@@ -396,22 +396,14 @@ def cpu_stage(args: argparse.Namespace) -> dict:
 def decode_one_core(paths: list[Path], args: argparse.Namespace) -> dict:
     """(f): the pipeline's decode stage (``decode_batch``: read, fast decode, one block per model batch)
     in this process alone, to compare per core with (e)."""
-    import pyarrow as pa
-
     from bitray.config import StorageConfig
     from bitray.embed.decode import decode_batch
+    from bitray.embed.manifest import manifest_table
     from bitray.embed.ranges import RowRanges
     from bitray.embed.sandbox import DecodeOptions
+    from bitray.storage import ObjectInfo
 
-    rows = pa.table(
-        {
-            "row": pa.array(range(len(paths)), pa.int64()),
-            "path": [str(p) for p in paths],
-            "etag": pa.array([None] * len(paths), pa.string()),
-            "size": pa.array([p.stat().st_size for p in paths], pa.int64()),
-            "mtime_ns": pa.array([p.stat().st_mtime_ns for p in paths], pa.int64()),
-        }
-    )
+    rows = manifest_table([ObjectInfo(str(p), p.stat().st_size, p.stat().st_mtime_ns, None) for p in paths])
     start = time.perf_counter()
     for i in range(0, len(paths), args.batch_size):
         decode_batch(
@@ -426,13 +418,13 @@ def decode_one_core(paths: list[Path], args: argparse.Namespace) -> dict:
 
 def actor_share(args: argparse.Namespace) -> dict:
     """The actor's call time outside its forward pass, on blocks the decode stage made."""
-    import pyarrow as pa
     from photos import varied_jpegs
     from ray.data.block import BlockAccessor
 
     from bitray.config import StorageConfig
     from bitray.embed.actor import EmbedActor
     from bitray.embed.decode import decode_batch
+    from bitray.embed.manifest import manifest_table
     from bitray.embed.ranges import RowRanges
     from bitray.embed.sandbox import DecodeOptions
     from bitray.storage import list_objects
@@ -441,16 +433,7 @@ def actor_share(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bitray-bench-") as tmp:
         for i, data in enumerate(images):
             (Path(tmp) / f"{i:05d}.jpg").write_bytes(data)
-        listed = list(list_objects(tmp))
-        rows = pa.table(
-            {
-                "row": pa.array(range(len(listed)), pa.int64()),
-                "path": [o.uri for o in listed],
-                "etag": pa.array([o.etag for o in listed], pa.string()),
-                "size": pa.array([o.size for o in listed], pa.int64()),
-                "mtime_ns": pa.array([o.mtime_ns for o in listed], pa.int64()),
-            }
-        )
+        rows = manifest_table(list(list_objects(tmp)))
         blocks = [
             decode_batch(
                 rows.slice(i, args.batch_size),

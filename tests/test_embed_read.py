@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 from image_corpus import corpus, encode, png_bomb
 
 from bitray.config import StorageConfig
 from bitray.embed.decode import decode_batch
+from bitray.embed.manifest import manifest_table
 from bitray.embed.ranges import RowRanges
 from bitray.embed.sandbox import DecodeOptions
 from bitray.images import prepare_for_model
@@ -17,17 +17,8 @@ NOTHING_COMMITTED = RowRanges().as_arrays()
 
 
 def run_stage(objects, storage=None, committed=NOTHING_COMMITTED, **options):  # noqa: ANN001, ANN201
-    batch = pa.table(
-        {
-            "row": pa.array(range(len(objects)), pa.int64()),
-            "path": [o.uri for o in objects],
-            "etag": pa.array([o.etag for o in objects], pa.string()),
-            "size": pa.array([o.size for o in objects], pa.int64()),
-            "mtime_ns": pa.array([o.mtime_ns for o in objects], pa.int64()),
-        }
-    )
     out = decode_batch(
-        batch,
+        manifest_table(objects),
         storage_config=storage or StorageConfig(),
         options=DecodeOptions((32, 32), **options),
         committed=committed,

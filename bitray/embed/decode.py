@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,8 @@ from bitray.storage import ObjectInfo
 log = logging.getLogger(__name__)
 
 READ_AHEAD = 8
-"""Objects a decode task reads at once (threads; the listed versions' bytes held at most)."""
+"""Objects a decode task reads at once (threads; the listed versions' bytes held at most), across the
+batches of a work item."""
 
 Decoder = Callable[[bytes], tuple[np.ndarray, int, int]]
 
@@ -56,12 +58,13 @@ def decode_items(
     ``ledger``: a ``CrashLedger`` handle. An item whose earlier attempt died with its worker is decoded in
     a child process, image by image (``bitray.embed.isolation``).
     """
+    read = functools.partial(read_listed, storage_config=storage_config, max_bytes=max_bytes)
     for part, start, stop in zip(
         *(items.column(n).to_pylist() for n in ("part", "start", "stop")), strict=True
     ):
         attempt = Attempt(ledger, f"decode:{part}:{start}:{stop}")
         with contextlib.ExitStack() as stack:
-            decode = None
+            decode = functools.partial(decode_for_model, options=options)
             if attempt.crashed_before:
                 log.warning(
                     "rows %d-%d of manifest %s killed a decode worker %d time(s); decoding them one by one "
@@ -69,15 +72,12 @@ def decode_items(
                 )  # fmt: skip
                 decode = stack.enter_context(SandboxDecoder(options)).decode
             rows = read_part(storage.join(manifest_dir, part), storage_config).slice(start, stop - start)
+            rows = pending_rows(rows, committed)
+            # one read-ahead window over the whole item: reads for the next batch overlap this one's decoding
+            data = prefetched(read, rows.to_pylist(), READ_AHEAD)
             for offset in range(0, rows.num_rows, batch_size):
-                yield decode_batch(
-                    rows.slice(offset, batch_size),
-                    storage_config=storage_config,
-                    options=options,
-                    max_bytes=max_bytes,
-                    committed=committed,
-                    decode=decode,
-                )
+                batch = rows.slice(offset, batch_size)
+                yield decoded_block(batch, itertools.islice(data, batch.num_rows), decode, options.size)
         attempt.close()
 
 
@@ -88,42 +88,57 @@ def decode_batch(
     options: DecodeOptions,
     committed: tuple[np.ndarray, np.ndarray],
     max_bytes: int | None = None,
-    decode: Decoder | None = None,
 ) -> pa.Table:
-    """Read and decode a batch of manifest rows (``row, path, etag, size, mtime_ns``): in this process
-    (``decode_for_model``) unless ``decode`` says otherwise."""
+    """Read and decode one batch of manifest rows (``row, path, etag, size, mtime_ns``) in this process."""
+    batch = pending_rows(batch, committed)
+    read = functools.partial(read_listed, storage_config=storage_config, max_bytes=max_bytes)
+    data = prefetched(read, batch.to_pylist(), READ_AHEAD)
+    return decoded_block(batch, data, functools.partial(decode_for_model, options=options), options.size)
+
+
+def pending_rows(rows: pa.Table, committed: tuple[np.ndarray, np.ndarray]) -> pa.Table:
+    """The manifest rows not committed by an earlier attempt of the run."""
+    return rows.filter(pa.array(~contains(committed[0], committed[1], rows.column("row").to_numpy())))
+
+
+def read_listed(
+    record: dict, *, storage_config: StorageConfig, max_bytes: int | None
+) -> bytes | storage.PermanentReadError:
+    """The listed version's bytes, or the permanent failure to record (transient ones raise: the run stops,
+    resumably, once ``storage.read_object`` has retried them for ``read_retry_s``)."""
+    listed = ObjectInfo(record["path"], record["size"], record["mtime_ns"], record["etag"])
+    try:
+        return storage.read_object(
+            listed, storage_config, max_bytes=max_bytes, retry_for_s=storage_config.read_retry_s
+        )
+    except storage.PermanentReadError as exc:
+        return exc
+
+
+def decoded_block(
+    batch: pa.Table,
+    data: Iterable[bytes | storage.PermanentReadError],
+    decode: Decoder,
+    size: tuple[int, int],
+) -> pa.Table:
+    """``batch`` with its images' pixels at ``size`` (or the stage and reason of their error), from the
+    read results ``data`` (one per row, in order)."""
     from ray.data.extensions import ArrowTensorArray
 
-    decode = decode or functools.partial(decode_for_model, options=options)
-    size = options.size
-    rows = batch.column("row").to_numpy()
-    pending = ~contains(committed[0], committed[1], rows)
-    batch = batch.filter(pa.array(pending))
-    records = batch.to_pylist()
-    pixels = np.zeros((len(records), *size, 3), np.uint8)
-    width = np.zeros(len(records), np.int32)
-    height = np.zeros(len(records), np.int32)
-    stages: list[str | None] = [None] * len(records)
-    errors: list[str | None] = [None] * len(records)
-
-    def read(record: dict) -> bytes | storage.PermanentReadError:
-        listed = ObjectInfo(record["path"], record["size"], record["mtime_ns"], record["etag"])
-        try:
-            return storage.read_object(
-                listed, storage_config, max_bytes=max_bytes, retry_for_s=storage_config.read_retry_s
-            )
-        except storage.PermanentReadError as exc:  # transient failures stop the run instead (resumably)
-            return exc
-
-    # reads overlap each other and the decoding of the images before them; at most READ_AHEAD are held
-    for i, data in enumerate(prefetched(read, records, READ_AHEAD)):
-        if isinstance(data, storage.PermanentReadError):
-            stages[i], errors[i] = "read", describe(data)
+    paths = batch.column("path").to_pylist()
+    pixels = np.zeros((len(paths), *size, 3), np.uint8)
+    width = np.zeros(len(paths), np.int32)
+    height = np.zeros(len(paths), np.int32)
+    stages: list[str | None] = [None] * len(paths)
+    errors: list[str | None] = [None] * len(paths)
+    for i, result in enumerate(data):
+        if isinstance(result, storage.PermanentReadError):
+            stages[i], errors[i] = "read", describe(result)
             continue
         try:
-            pixels[i], width[i], height[i] = decode(data)
+            pixels[i], width[i], height[i] = decode(result)
         except DecoderCrashed as exc:
-            log.warning("%s crashed the decoder: %s", records[i]["path"], exc)
+            log.warning("%s crashed the decoder: %s", paths[i], exc)
             stages[i], errors[i] = "decode", describe(exc)
         except Exception as exc:
             stages[i], errors[i] = "decode", describe(exc)

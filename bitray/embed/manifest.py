@@ -10,7 +10,7 @@ tasks, actors, output files and the commit log speak of row ranges, never of pat
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,6 +72,18 @@ def _checked_order(uri: str, objects: Iterable[ObjectInfo]) -> Iterator[ObjectIn
         yield obj
 
 
+def manifest_table(objects: Sequence[ObjectInfo], first_row: int = 0) -> pa.Table:
+    """Objects as manifest rows, numbered from ``first_row``: what decode tasks work on."""
+    columns = {
+        "row": range(first_row, first_row + len(objects)),
+        "path": [o.uri for o in objects],
+        "etag": [o.etag for o in objects],
+        "size": [o.size for o in objects],
+        "mtime_ns": [o.mtime_ns for o in objects],
+    }
+    return pa.table(columns, schema=MANIFEST_SCHEMA)
+
+
 class ManifestWriter:
     """Number objects and write them as sorted Parquet parts under ``directory``; memory: one part."""
 
@@ -81,17 +93,12 @@ class ManifestWriter:
         self.parts: list[ManifestPart] = []
         self.rows = 0
         self._batches: list[pa.RecordBatch] = []
-        self._columns: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+        self._objects: list[ObjectInfo] = []
 
     def add(self, obj: ObjectInfo) -> None:
-        columns = self._columns
-        columns["row"].append(self.rows)
-        columns["path"].append(obj.uri)
-        columns["etag"].append(obj.etag)
-        columns["size"].append(obj.size)
-        columns["mtime_ns"].append(obj.mtime_ns)
+        self._objects.append(obj)
         self.rows += 1
-        if len(columns["row"]) == CHUNK_ROWS:
+        if len(self._objects) == CHUNK_ROWS:
             self._seal_batch()
         if self.rows % PART_ROWS == 0:
             self._write_part()
@@ -102,9 +109,9 @@ class ManifestWriter:
         return self.parts
 
     def _seal_batch(self) -> None:
-        if self._columns["row"]:
-            self._batches.append(pa.record_batch(self._columns, schema=MANIFEST_SCHEMA))
-            self._columns = {name: [] for name in MANIFEST_SCHEMA.names}
+        if self._objects:
+            self._batches += manifest_table(self._objects, self.rows - len(self._objects)).to_batches()
+            self._objects = []
 
     def _write_part(self) -> None:
         if not self._batches:
