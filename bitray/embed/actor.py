@@ -218,8 +218,9 @@ class EmbedActor:
         stage: np.ndarray,
         error: np.ndarray,
     ) -> None:
-        """A batch that killed an actor before: each image alone, registered first, so that the one that
-        kills it again is known on the next attempt and becomes an error row instead of a third crash."""
+        """A batch that killed this (restarted) actor before: each image alone, registered first, so that
+        the one that kills it again is known on the next attempt and becomes an error row instead of being
+        run once more."""
         log.warning("a batch of %d images killed a model actor before; running it image by image", len(ok))
         for i in np.flatnonzero(ok):
             attempt = Attempt(self.ledger, f"model-row:{batch['row'][i]}")
