@@ -28,6 +28,29 @@ def test_local_listing_filters_extensions_and_recurses(tmp_path):
     assert listed[0].version == f"size:1:mtime_ns:{listed[0].mtime_ns}"
 
 
+def test_local_listing_enters_each_directory_once_and_stays_inside_the_root(tmp_path):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(b"1")
+    (root / "sub" / "b.jpg").write_bytes(b"2")
+    (tmp_path / "secret.jpg").write_bytes(b"3")  # beside the root, never an input
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.jpg").write_bytes(b"4")
+    (root / "again").symlink_to(".")  # a cycle
+    (root / "sub" / "loop").symlink_to("..")  # a cycle from below
+    (root / "up").symlink_to("..")  # the parent tree
+    (root / "out.jpg").symlink_to(tmp_path / "elsewhere")  # a directory outside, named like an image
+    (root / "zz").symlink_to("sub")  # a second name of a directory already walked
+    listed = [o.uri for o in storage.list_objects(str(root), extensions=[".jpg"])]
+    assert listed == [str(root / "a.jpg"), str(root / "sub" / "b.jpg")]
+    # a link is followed once when it is the first name of a directory inside the root
+    (root / "sub").rename(root / "zsub")
+    (root / "zz").unlink()
+    (root / "link").symlink_to("zsub")
+    listed = [o.uri for o in storage.list_objects(str(root), extensions=[".jpg"])]
+    assert listed == [str(root / "a.jpg"), str(root / "link" / "b.jpg")]
+
+
 def test_local_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(BitrayError, match="does not exist"):
         list(storage.list_objects(str(tmp_path / "nope")))

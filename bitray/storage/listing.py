@@ -2,7 +2,9 @@
 
 S3 through boto3's paginator (pages of 1,000 keys, with the ETags pyarrow's ``FileInfo`` lacks), GCS through
 google-cloud-storage's ``list_blobs`` (page by page; GCS, like S3, lists in UTF-8 byte order), local
-directories by a walk that sorts a directory as ``name + "/"``.
+directories by a walk that sorts a directory as ``name + "/"``. The walk enters each directory once (by
+device and inode) and follows a symbolic link to a directory only when its target lies inside the input
+root, so ``ln -s . again`` cannot loop and ``ln -s .. up`` cannot pull in the parent tree.
 """
 
 from __future__ import annotations
@@ -56,33 +58,58 @@ def _list_local(uri: str, exts: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
         return
     if not root.is_dir():
         raise BitrayError(f"input {uri!r} does not exist; check the path")
-    yield from _walk_sorted(root, exts)
+    yield from _Walk(root, exts).walk(root)
 
 
-def _walk_sorted(directory: Path, exts: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
+class _Walk:
     """Depth-first in code-point order of the full path, the order S3 lists keys in: a directory sorts as
-    ``name + "/"``, so ``a-c.jpg`` comes before ``a/b.jpg`` (``-`` < ``/``) and ``a0.jpg`` after it."""
-    try:
-        entries = [(entry, _is_dir(entry)) for entry in os.scandir(directory)]
-    except OSError:
-        return  # removed or unreadable while listing
-    entries.sort(key=lambda item: item[0].name + "/" if item[1] else item[0].name)
-    for entry, is_dir in entries:
-        if is_dir:
-            yield from _walk_sorted(Path(entry.path), exts)
-        elif matches(entry.name, exts):
-            try:
-                st = entry.stat()
-            except OSError:
-                continue  # removed while listing: not an input of this run
-            yield ObjectInfo(entry.path, st.st_size, st.st_mtime_ns)
+    ``name + "/"``, so ``a-c.jpg`` comes before ``a/b.jpg`` (``-`` < ``/``) and ``a0.jpg`` after it.
 
+    Every directory is entered at most once, by (device, inode): a link to a directory already walked (or
+    a bind mount of one) is skipped, and the first path in listing order is the one its files get. A link
+    to a directory whose real path is outside the root's is never followed."""
 
-def _is_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir(follow_symlinks=True)
-    except OSError:
-        return False
+    def __init__(self, root: Path, exts: tuple[str, ...] | None) -> None:
+        self.real_root = os.path.realpath(root)
+        self.exts = exts
+        self.seen: set[tuple[int, int]] = set()
+
+    def walk(self, directory: Path) -> Iterator[ObjectInfo]:
+        try:
+            st = directory.stat()
+        except OSError:
+            return  # removed or unreadable while listing
+        if (st.st_dev, st.st_ino) in self.seen:
+            return
+        self.seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = [(entry, self._kind(entry)) for entry in os.scandir(directory)]
+        except OSError:
+            return
+        entries.sort(key=lambda item: item[0].name + "/" if item[1] != "file" else item[0].name)
+        for entry, kind in entries:
+            if kind == "dir":
+                yield from self.walk(Path(entry.path))
+            elif kind == "file" and matches(entry.name, self.exts):
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue  # removed while listing: not an input of this run
+                yield ObjectInfo(entry.path, st.st_size, st.st_mtime_ns)
+
+    def _kind(self, entry: os.DirEntry) -> str | None:
+        """``dir`` (a directory, or a link to one inside the root), ``file``, or None: skipped (a link to a
+        directory outside the root)."""
+        try:
+            if not entry.is_dir(follow_symlinks=True):
+                return "file"
+            if not entry.is_symlink():
+                return "dir"
+        except OSError:
+            return "file"  # vanished or unreadable: its stat below decides
+        target = os.path.realpath(entry.path)
+        inside = target == self.real_root or target.startswith(self.real_root.rstrip(os.sep) + os.sep)
+        return "dir" if inside else None
 
 
 def _list_s3(uri: str, exts: tuple[str, ...] | None, storage: StorageConfig) -> Iterator[ObjectInfo]:
