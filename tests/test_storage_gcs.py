@@ -85,6 +85,21 @@ def test_gs_reads_are_typed(gcs_bucket):
         storage.read_object(changed, config, max_bytes=3)
 
 
+def test_gs_versions_are_generations_so_a_same_size_replacement_is_a_change(gcs_bucket):
+    blob = gcs_bucket.blob("p/photo.jpg")
+    blob.upload_from_string(b"AAAA")
+    (listed,) = storage.list_objects(f"gs://{gcs_bucket.name}/p/")
+    blob.reload()
+    assert listed.etag == str(blob.generation) and listed.version == f"etag:{blob.generation}"
+    assert storage.read_object(listed, StorageConfig()) == b"AAAA"
+    blob.upload_from_string(b"BBBB")  # same size, new content: a new generation
+    (relisted,) = storage.list_objects(f"gs://{gcs_bucket.name}/p/")
+    assert relisted.size == listed.size and relisted.version != listed.version
+    with pytest.raises(ObjectChanged, match="generation"):
+        storage.read_object(listed, StorageConfig())  # never the new bytes under the old version
+    assert storage.read_object(relisted, StorageConfig()) == b"BBBB"
+
+
 def test_gs_missing_bucket_is_a_clear_error(gcs_emulator):
     with pytest.raises(storage.BitrayError, match="bucket 'no-such-bucket' .* does not exist"):
         list(storage.list_objects("gs://no-such-bucket/p/"))
@@ -112,7 +127,7 @@ def test_gs_listing_streams_instead_of_gathering(monkeypatch):
         for page in range(3):
             asked.append(page)
             for i in range(page_size):
-                yield SimpleNamespace(name=f"{prefix}{page}/{i:04d}.jpg", size=1, updated=None)
+                yield SimpleNamespace(name=f"{prefix}{page}/{i:04d}.jpg", size=1, updated=None, generation=1)
 
     fake_client = SimpleNamespace(list_blobs=list_blobs)
     monkeypatch.setattr("bitray.storage.listing.gcs_client", lambda config=None: fake_client)

@@ -9,7 +9,8 @@ path in sort order).
 
 A member is an ``exact`` duplicate of its representative when their bytes are the same: equal ETags (S3
 ETags of single-part uploads are MD5s of the content), else equal size and equal SHA-256 of the content,
-read from storage for group members only.
+read from storage for group members only. (The ``etag`` column of a ``gs://`` object holds its generation,
+which says nothing about the content.)
 
 Output columns: ``group`` (0 = largest group), ``path``, ``similarity`` (to the representative; 1 for
 itself), ``representative``, ``exact``, ``group_size``, ``etag``, ``size``. Groups of one are not written.
@@ -157,7 +158,8 @@ def _same_bytes(
     hashes: dict[str, str | None],
     storage_config: StorageConfig | None,
 ) -> bool:
-    if etags[i] and etags[rep] and etags[i] == etags[rep]:
+    s3 = storage.scheme_of(paths[i]) == storage.scheme_of(paths[rep]) == "s3"  # a GCS "etag" is a generation
+    if s3 and etags[i] and etags[rep] and etags[i] == etags[rep]:
         return True
     if sizes[i] != sizes[rep]:
         return False

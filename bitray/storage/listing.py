@@ -1,7 +1,8 @@
 """Listing: every object under a prefix, streamed in code-point order of the URIs whatever the scheme.
 
 S3 through boto3's paginator (pages of 1,000 keys, with the ETags pyarrow's ``FileInfo`` lacks), GCS through
-google-cloud-storage's ``list_blobs`` (page by page; GCS, like S3, lists in UTF-8 byte order), local
+google-cloud-storage's ``list_blobs`` (page by page; GCS, like S3, lists in UTF-8 byte order; the object's
+generation is its ``etag``, the version reads are conditional on), local
 directories by a walk that sorts a directory as ``name + "/"``. The walk enters each directory once (by
 device and inode) and follows a symbolic link to a directory only when its target lies inside the input
 root, so ``ln -s . again`` cannot loop and ``ln -s .. up`` cannot pull in the parent tree.
@@ -145,7 +146,13 @@ def _list_gs(uri: str, exts: tuple[str, ...] | None, storage: StorageConfig) -> 
                 continue
             if prefix and name != prefix and not prefix.endswith("/") and not name.startswith(prefix + "/"):
                 continue  # prefix "a/b" must not match "a/bc/x.jpg"
-            yield ObjectInfo(f"gs://{bucket}/{name}", int(blob.size or 0), _ns(blob.updated))
+            generation = getattr(blob, "generation", None)  # the version, as S3's ETag is
+            yield ObjectInfo(
+                f"gs://{bucket}/{name}",
+                int(blob.size or 0),
+                _ns(blob.updated),
+                etag=str(generation) if generation else None,
+            )
     except gexc.NotFound:
         raise BitrayError(f"bucket {bucket!r} of {uri!r} does not exist") from None
     except (gexc.Forbidden, gexc.Unauthorized) as exc:

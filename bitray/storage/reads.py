@@ -37,7 +37,8 @@ def read_object(
     """The bytes of exactly the listed version of ``obj``, or a typed error.
 
     S3: ``GetObject`` with ``If-Match`` on the listed ETag. Local: size and mtime checked before and after
-    the read. GCS: the size checked. Permanent failures raise a ``PermanentReadError`` subclass
+    the read. GCS: ``ifGenerationMatch`` on the listed generation, and the size checked. Permanent failures
+    raise a ``PermanentReadError`` subclass
     (``ObjectChanged``, ``ObjectMissing``, ``ReadRefused``, ``ObjectTooLarge``: the last decided from the
     listed size, before any request). Transient failures are retried with exponential backoff and full
     jitter (0.1 s doubling to 10 s) for up to ``retry_for_s``, then raise ``TransientStorageError``.
@@ -137,17 +138,29 @@ def _check_local(obj: ObjectInfo, size: int, mtime_ns: int) -> None:
 
 
 def _read_gs(obj: ObjectInfo, storage: StorageConfig) -> bytes:
+    """The listed generation (``obj.etag``) only: ``ifGenerationMatch`` on the download, and the generation
+    the server reports checked again (asked for when a server, such as an emulator, sends none)."""
     from google.api_core import exceptions as gexc
 
     bucket, key = split_bucket(obj.uri)
+    generation = int(obj.etag) if obj.etag else None
     try:
         blob = _gcs_read_client(storage).bucket(bucket).blob(key)
         # at most one byte more than listed: a grown object is detected without reading all of it
-        data = blob.download_as_bytes(start=0, end=obj.size) if obj.size else blob.download_as_bytes()
+        span = {"start": 0, "end": obj.size} if obj.size else {}
+        data = blob.download_as_bytes(**span, if_generation_match=generation)
+        if generation is not None and blob.generation is None:
+            blob.reload()
     except gexc.NotFound:
         raise ObjectMissing(f"{obj.uri} was listed but no longer exists") from None
+    except gexc.PreconditionFailed:
+        raise ObjectChanged(f"{obj.uri} changed after it was listed (generation {obj.etag})") from None
     except (gexc.Forbidden, gexc.Unauthorized) as exc:
         raise ReadRefused(f"reading {obj.uri} was refused ({exc.code}); check the bucket's IAM") from None
+    if generation is not None and int(blob.generation) != generation:
+        raise ObjectChanged(
+            f"{obj.uri} changed after it was listed (generation {blob.generation}, listed {generation})"
+        )
     if len(data) != obj.size:
         raise ObjectChanged(f"{obj.uri} changed after it was listed (size {len(data)}, listed {obj.size})")
     return data
