@@ -394,3 +394,19 @@ def test_decode_budget_counts_the_dct_scale_of_a_fast_jpeg_decode() -> None:
     pixels, width, height = prepare_for_model(data, (224, 224), max_decode_bytes=budget)  # 500x375
     assert pixels.shape == (224, 224, 3) and (width, height) == (4000, 3000)
     assert decode_image(data).pixels.shape == (3000, 4000, 3)  # the default budget holds it whole
+
+
+def test_default_extensions_list_avif_and_jpeg_2000_files_that_decode(tmp_path) -> None:
+    """The formats the README names as supported are listed by default, and decode (real files)."""
+    from bitray import storage
+    from bitray.config import EmbedConfig
+
+    source = photo()
+    for name, fmt in [("a.avif", "AVIF"), ("b.jp2", "JPEG2000"), ("c.j2k", "JPEG2000"), ("d.jpg", "JPEG")]:
+        Image.fromarray(source).save(tmp_path / name, fmt)
+    listed = [o.uri for o in storage.list_objects(str(tmp_path), extensions=EmbedConfig().extensions)]
+    assert [uri.rsplit("/", 1)[1] for uri in listed] == ["a.avif", "b.jp2", "c.j2k", "d.jpg"]
+    for uri in listed:
+        decoded = decode_image(open(uri, "rb").read())
+        assert decoded.pixels.shape == source.shape
+        assert np.abs(decoded.pixels.astype(int) - source).mean() < 12  # lossy, but the same picture
