@@ -56,7 +56,10 @@ class StorageConfig(Section):
         )
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".avif", ".jp2", ".j2k")
+IMAGE_EXTENSIONS = (
+    *(".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"),
+    *(".avif", ".jp2", ".j2k"),  # AVIF and JPEG 2000: Pillow's wheels decode them from 11.3
+)
 
 
 class EmbedConfig(Section):

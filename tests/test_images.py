@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -407,6 +408,6 @@ def test_default_extensions_list_avif_and_jpeg_2000_files_that_decode(tmp_path) 
     listed = [o.uri for o in storage.list_objects(str(tmp_path), extensions=EmbedConfig().extensions)]
     assert [uri.rsplit("/", 1)[1] for uri in listed] == ["a.avif", "b.jp2", "c.j2k", "d.jpg"]
     for uri in listed:
-        decoded = decode_image(open(uri, "rb").read())
+        decoded = decode_image(Path(uri).read_bytes())
         assert decoded.pixels.shape == source.shape
         assert np.abs(decoded.pixels.astype(int) - source).mean() < 12  # lossy, but the same picture
