@@ -105,3 +105,27 @@ def test_bitray_errors_lists_the_open_errors_and_a_wrong_output_is_named(tmp_pat
     assert "holds no finished embedding run" in capsys.readouterr().err
     assert main(["embed", "--output", str(tmp_path / "typo"), "--retry-errors"]) == 2
     assert "check the output path" in capsys.readouterr().err
+
+
+def test_a_retry_takes_each_path_once_at_its_newest_version(tmp_path, ray_local):
+    """Two open versions of one path (it failed, was replaced, failed again): a retry writes that path
+    once, at the newest version, and the older version is no longer an open error."""
+    inputs = tmp_path / "in"
+    good = write_photos(inputs, 2, side=48)[0]
+    photo = inputs / "photo.jpg"
+    photo.write_bytes(b"<!DOCTYPE html> not a photo")  # version 1
+    out = tmp_path / "out"
+    run_embedding(tiny_config([str(inputs)], str(out), run_id="first"))
+    good_bytes = good.read_bytes()
+    photo.write_bytes(good_bytes)  # version 2: a new size and mtime ...
+    good_bytes = damage(photo)  # ... that does not decode either
+    run_embedding(tiny_config([str(inputs)], str(out), run_id="second", incremental=True))
+    assert [(e.object.uri, e.run_id) for e in open_errors(str(out))] == [(str(photo), "second")]
+
+    restore(photo, good_bytes)  # version 2 decodes now
+    retry = run_embedding(tiny_config([], str(out), run_id="retry", retry_errors=True))
+    assert (retry.inputs, retry.embedded, retry.errored) == (1, 1, 0)
+    emb, err = read_output(out)
+    assert list(emb[emb.run_id == "retry"].path) == [str(photo)] and err[err.run_id == "retry"].empty
+    assert emb[emb.run_id == "retry"]["size"].iloc[0] == len(good_bytes)
+    assert open_errors(str(out)) == []

@@ -11,7 +11,8 @@ refuse an output that holds runs), and each keeps the versions it retried beside
 that grow with the output's errors, never with its images.
 
 Errors that say the listed version is gone (changed or deleted after it was listed) are not open: that
-version cannot be read again, and an ``--incremental`` run embeds its successor.
+version cannot be read again, and an ``--incremental`` run embeds its successor. For the same reason only a
+path's newest recorded version can be open, so a retry run takes each path once.
 
 Memory: the output's error rows (paths and versions), small next to its images.
 """
@@ -46,7 +47,11 @@ class OpenError:
 
 
 def open_errors(layout: OutputLayout, state: IncrementalState) -> list[OpenError]:
-    """Object versions whose latest result under the output is an error row of a finished run, by path."""
+    """Object versions whose latest result under the output is an error row of a finished run, by path.
+
+    At most one version per path: the newest (latest ``mtime``, then the latest run that saw it) of the
+    versions the error files and retry lists know. An older version was replaced, so it cannot be read
+    again; a retry holding both would write its path twice in one run."""
     if not state.finished:
         raise BitrayError(
             f"{layout.output} holds no finished embedding run, so no recorded errors; check the output path"
@@ -55,18 +60,24 @@ def open_errors(layout: OutputLayout, state: IncrementalState) -> list[OpenError
     # (path, version) -> (rank of its latest result, the error if that result is a retryable error row);
     # rank = (run order, 1 for an error row, 0 for having been retried): a run's own error row comes last
     latest: dict[tuple[str, str], tuple[tuple[int, int], OpenError | None]] = {}
+    newest: dict[str, tuple[tuple[int, int], str]] = {}  # path -> ((mtime_ns, run order), version)
 
     def offer(obj: ObjectInfo, rank: tuple[int, int], still_open: OpenError | None) -> None:
         key = (obj.uri, obj.version)
         if key not in latest or latest[key][0] < rank:
             latest[key] = (rank, still_open)
+        age = (obj.mtime_ns if obj.mtime_ns is not None else -1, rank[0])
+        if obj.uri not in newest or newest[obj.uri][0] < age:
+            newest[obj.uri] = (age, obj.version)
 
     for run in state.retry_runs:
         for obj in _retried(layout, run):
             offer(obj, (order[run], 0), None)
     for row in _error_rows(layout, set(order)):
         offer(row.object, (order[row.run_id], 1), None if row.error.startswith(GONE) else row)
-    found = (row for _, row in latest.values() if row is not None)
+    found = (
+        row for (uri, version), (_, row) in latest.items() if row is not None and newest[uri][1] == version
+    )
     return sorted(found, key=lambda row: (row.object.uri, row.object.version))
 
 
