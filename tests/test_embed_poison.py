@@ -5,6 +5,8 @@ the culprit becomes an error row naming the signal, and every other image is emb
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,13 @@ from PIL import Image
 
 from bitray.embed import run_embedding
 from bitray.embed.isolation import CrashLedger
-from bitray.embed.sandbox import DecodeOptions, DecoderCrashed, SandboxDecoder, decode_for_model
+from bitray.embed.sandbox import (
+    CRASH_MARKER_ENV,
+    DecodeOptions,
+    DecoderCrashed,
+    SandboxDecoder,
+    decode_for_model,
+)
 from bitray.images import ImageDecodeError
 
 
@@ -53,6 +61,21 @@ def test_the_sandbox_survives_an_image_that_aborts_its_decoder(tmp_path):
     with pytest.raises(ImageDecodeError) as in_process:
         decode_for_model(b"<!DOCTYPE html> nope", options)
     assert str(in_child.value) == str(in_process.value)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads the child's /proc environ")
+def test_the_sandbox_child_gets_no_cloud_credentials(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with SandboxDecoder(DecodeOptions((SIZE, SIZE))) as sandbox:
+        sandbox.decode(write_photos(tmp_path, 1)[0].read_bytes())
+        assert sandbox._child is not None
+        raw = Path(f"/proc/{sandbox._child.pid}/environ").read_bytes()
+    child = dict(item.split("=", 1) for item in raw.decode().split("\0") if item)
+    assert "AWS_SECRET_ACCESS_KEY" not in child and "GOOGLE_APPLICATION_CREDENTIALS" not in child
+    assert child["OMP_NUM_THREADS"] == "1" and child[CRASH_MARKER_ENV] == CRASH_MARKER
+    assert child["PATH"] == os.environ["PATH"]
 
 
 @pytest.mark.slow

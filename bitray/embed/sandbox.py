@@ -9,7 +9,8 @@ becomes a ``decode`` error row naming the signal, a fresh child takes the next i
 item is embedded as usual.
 
 Requests and replies are pickled over the child's stdin and stdout; the child imports only Pillow, numpy
-and ``bitray.images``.
+and ``bitray.images``, and gets only the environment that decoding needs (``child_environment``): never
+the cloud credentials of the worker that starts it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,22 @@ def decode_for_model(data: bytes, options: DecodeOptions) -> tuple[np.ndarray, i
         max_decode_bytes=options.max_decode_bytes,
         exact=options.exact,
     )
+
+
+CHILD_ENV = frozenset(
+    {"PATH", "LD_LIBRARY_PATH", "TMPDIR", "LANG", "LANGUAGE", CRASH_MARKER_ENV}
+    | {"TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_CPP_MIN_LOG_LEVEL", "TF_USE_LEGACY_KERAS"}
+)
+CHILD_ENV_PREFIXES = ("PYTHON", "LC_", "OMP_", "MKL_", "OPENBLAS_")
+"""What the decoder child inherits: where Python and its libraries are, the locale, thread counts (OpenMP,
+BLAS, TensorFlow's own names: ``TF_`` as a prefix would also pass Terraform's ``TF_TOKEN_*``) and the
+tests' crash marker. Everything else (AWS_*, GOOGLE_*, MLFLOW_* credentials, ...) stays with the worker."""
+
+
+def child_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The subset of ``environ`` (default ``os.environ``) a decoder child gets."""
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in environ.items() if k in CHILD_ENV or k.startswith(CHILD_ENV_PREFIXES)}
 
 
 class DecoderCrashed(BitrayError):
@@ -104,6 +121,7 @@ class SandboxDecoder:
             [sys.executable, "-m", "bitray.embed.sandbox"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            env=child_environment(),
         )
         pickle.dump(self.options, _stdin(child), protocol=pickle.HIGHEST_PROTOCOL)
         self._child = child
