@@ -38,6 +38,7 @@ from bitray import storage
 from bitray.config import EmbedConfig, load_config
 from bitray.errors import BitrayError
 from bitray.jobs import JobInfo, Jobs, SubmissionIdTaken, config_digest
+from bitray.redaction import redacted
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,8 @@ class WindowLog:
             self.experiment_id = ensure_experiment(self.client, experiment)
         except Exception as exc:  # any MLflow/HTTP/DB error means "unusable"
             raise BitrayError(
-                f"cannot use MLflow tracking at {self.client.tracking_uri}: {exc}; check --tracking-uri "
+                f"cannot use MLflow tracking at {redacted(self.client.tracking_uri)}: {redacted(exc)}; "
+                "check --tracking-uri "
                 "or MLFLOW_TRACKING_URI"
             ) from None
 

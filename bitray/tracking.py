@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bitray.errors import BitrayError
+from bitray.redaction import redacted
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def start_or_resume_run(
             [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
         )
     except Exception as exc:  # mlflow raises many types: connection, REST, sqlalchemy
-        raise BitrayError(f"MLflow tracking at {tracking_uri!r} is not usable: {exc}") from None
+        raise _unusable(tracking_uri, exc) from None
     if found:
         run = found[0]
         earlier = run.data.tags.get(STORAGE_PATH_TAG)
@@ -102,7 +103,11 @@ def start_or_resume_run(
         tags = {RUN_NAME_TAG: run_name, STORAGE_PATH_TAG: storage_path}
         return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, False
     except Exception as exc:
-        raise BitrayError(f"MLflow tracking at {tracking_uri!r} is not usable: {exc}") from None
+        raise _unusable(tracking_uri, exc) from None
+
+
+def _unusable(tracking_uri: str, exc: Exception) -> BitrayError:
+    return BitrayError(f"MLflow tracking at {redacted(tracking_uri)!r} is not usable: {redacted(exc)}")
 
 
 class MetricLogger:
@@ -151,7 +156,7 @@ class MetricLogger:
         except Exception as exc:  # tracking must never end training
             now = time.monotonic()
             if now - self._warned_at > 60:  # one warning a minute while the server is away
-                log.warning("MLflow: could not %s (%s); training goes on", what, exc)
+                log.warning("MLflow: could not %s (%s); training goes on", what, redacted(exc))
                 self._warned_at = now
 
     def _put(self, item: tuple) -> None:
@@ -328,7 +333,8 @@ def resolve_registered_model(uri: str, part: str = FEATURE_VECTOR, dst: Path | N
         local = Path(fetched)
     except Exception as exc:
         raise BitrayError(
-            f"cannot fetch {uri!r} from MLflow ({exc}); check MLFLOW_TRACKING_URI and the name/alias"
+            f"cannot fetch {uri!r} from MLflow ({redacted(exc)}); check MLFLOW_TRACKING_URI and the "
+            "name/alias"
         ) from None
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})

@@ -132,6 +132,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """``bitray evaluate --embeddings ./tuned-emb --labels ./digits --baseline ./base-emb`` (exit 1: worse)"""
     import os
 
+    from bitray.redaction import redacted
     from bitray.search.evaluate import EvalOptions, evaluate, evaluate_pair, format_table, gate, log_to_mlflow
 
     options = EvalOptions(folds=args.folds, seed=args.seed, few_shot=args.few_shot)
@@ -148,7 +149,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         print(format_table(new, baseline, args.tolerance))
     if run_id:
-        print(f"bitray: logged to MLflow run {run_id} at {tracking}", file=sys.stderr)
+        print(f"bitray: logged to MLflow run {run_id} at {redacted(tracking)}", file=sys.stderr)
     if baseline is not None and not gate(new, baseline, args.tolerance)[0]:
         return 1
     return 0

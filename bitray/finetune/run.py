@@ -29,6 +29,7 @@ from bitray.config import FinetuneConfig, StorageConfig
 from bitray.errors import BitrayError
 from bitray.finetune import evaluation, promotion
 from bitray.finetune.loop import CHECKPOINT_PREFIX, SHUFFLE_BUFFER, VAL_TOP1, LoopConfig, train_loop
+from bitray.redaction import redacted
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def run_finetune(config: FinetuneConfig, *, address: str | None = None) -> Finet
     tracking_uri = config.resolved_tracking_uri()
     identity = config.storage_path if st.is_remote(config.storage_path) else storage_path
     run_id, resumed = tracking.start_or_resume_run(tracking_uri, config.experiment, name, identity)
-    log.info("%s MLflow run %s (%s) at %s", "resuming" if resumed else "started", run_id, name, tracking_uri)
+    action = "resuming" if resumed else "started"
+    log.info("%s MLflow run %s (%s) at %s", action, run_id, name, redacted(tracking_uri))
     params = _params(config, hp, train_set, val_set)
     params.update(resolution_median_area=round(areas.median_area), resolution_sampled=areas.sampled)
     tracking.log_params(tracking_uri, run_id, params)

@@ -29,6 +29,7 @@ import pyarrow as pa
 from bitray import outputs, storage
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
+from bitray.redaction import redacted
 from bitray.search import vectors
 
 log = logging.getLogger(__name__)
@@ -333,7 +334,7 @@ def log_to_mlflow(
         client.set_terminated(run_id)
         return run_id
     except Exception as exc:  # MLflow raises many types; none may stop the gate
-        log.warning("could not log the evaluation to MLflow at %s: %s", tracking_uri, exc)
+        log.warning("could not log the evaluation to MLflow at %s: %s", redacted(tracking_uri), redacted(exc))
         return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
+from bitray.redaction import redacted
 from bitray.storage.uri import split_bucket
 
 
@@ -153,7 +154,7 @@ class s3_errors:  # noqa: N801 - used as a context manager, reads like a functio
             ReadTimeoutError,
         )
 
-        endpoint = self.storage.resolved_s3_endpoint() or "AWS S3"
+        endpoint = redacted(self.storage.resolved_s3_endpoint() or "AWS S3")
         if isinstance(exc, ClientError):
             code = error_code(exc)
             if code in ("NoSuchBucket", "404"):
