@@ -8,6 +8,7 @@ is committed (the pipeline publishes nothing else there) and names its run: ``pa
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 
 from bitray.config import EmbedConfig, StorageConfig
 from bitray.embed import retry
@@ -45,6 +46,33 @@ def run_model(output: str, run_id: str, storage: StorageConfig | None = None) ->
     """(model spec the run embedded with, e.g. 'random:tiny', and its image size (h, w))."""
     params = RunParams.load(_layout(output, storage), run_id)
     return params.model, params.image_size
+
+
+@dataclass(frozen=True)
+class RecordedInputs:
+    """What the finished runs of an output were started on: where its rows' paths may come from."""
+
+    prefixes: list[str]
+    """Input prefixes and single objects (local paths absolute, as the listing names files)."""
+    manifests: list[str]
+    """Files of input URIs (``--manifest``): their lines are inputs too."""
+    max_bytes: int | None
+    """The largest ``max_bytes`` a run read with; None when some run had no cap."""
+
+
+def recorded_inputs(output: str, storage: StorageConfig | None = None) -> RecordedInputs:
+    """The inputs of the output's finished runs, from their ``run.json`` (one GET per run)."""
+    layout = _layout(output, storage)
+    prefixes: list[str] = []
+    manifests: list[str] = []
+    caps: list[int | None] = []
+    for run_id in IncrementalState.load(layout).finished:
+        params = RunParams.load(layout, run_id)
+        prefixes += params.inputs
+        manifests += [params.input_manifest] if params.input_manifest else []
+        caps.append(params.max_bytes)
+    max_bytes = None if None in caps else max(caps, default=None)
+    return RecordedInputs(sorted(set(prefixes)), sorted(set(manifests)), max_bytes)
 
 
 def open_errors(output: str, storage: StorageConfig | None = None) -> list[retry.OpenError]:

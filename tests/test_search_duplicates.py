@@ -118,3 +118,71 @@ def test_the_threshold_decides_the_groups(planted, tmp_path):
         p: float(v @ rep_vector) for p, v in zip(index.rows.column("path").to_pylist(), vectors, strict=True)
     }
     np.testing.assert_allclose(sims[1:], [want[p] for p in loose.column("path").to_pylist()[1:]], atol=1e-5)
+
+
+def rewritten_index(planted: dict, target: Path, changes: dict[str, str]) -> Path:
+    """A copy of the planted index whose rows file names other paths (``{file name: new path}``)."""
+    import pyarrow as pa
+
+    shutil.copytree(planted["index"], target)
+    (rows_file,) = target.glob("rows-*.parquet")
+    rows = pq.read_table(rows_file)
+    paths = [changes.get(Path(p).name, p) for p in rows.column("path").to_pylist()]
+    pq.write_table(rows.set_column(rows.schema.get_field_index("path"), "path", pa.array(paths)), rows_file)
+    return target
+
+
+def test_a_rewritten_index_cannot_make_duplicates_read_outside_the_inputs(planted, tmp_path, capsys):
+    """The index says the coffee copy lives outside the embedded folder (a file with the same bytes, as
+    /etc/passwd could be): it is neither hashed nor drawn; the rows under the inputs still are."""
+    from bitray.cli import main
+    from bitray.search.duplicates import sheet_items
+    from bitray.search.sheet import MISSING, SheetLayout
+
+    outside = tmp_path / "outside" / "secret.png"
+    outside.parent.mkdir()
+    shutil.copyfile(planted["photos"] / "coffee.png", outside)
+    index = rewritten_index(planted, tmp_path / "index", {"zz-copy-of-coffee.png": str(outside)})
+    out, sheet = tmp_path / "dups.parquet", tmp_path / "dups.png"
+    argv = ["duplicates", "--index", str(index), "--output", str(out), "--sheet", str(sheet)]
+    assert main(argv) == 0
+    assert "4 group(s), 8 image(s), 0 exact copies" in capsys.readouterr().out
+    table = pq.read_table(out)
+    items = sheet_items(table)
+    layout, drawn = SheetLayout(), Image.open(sheet).convert("RGB")
+    for i, item in enumerate(items):
+        left, top = layout.tile_origin(i)
+        corner = drawn.getpixel((left + 1, top + layout.thumb - 2))  # photos are not square: white if drawn
+        assert (corner == MISSING) == (item.uri == str(outside)), item.uri
+
+    # a search's sheet likewise: the nearest neighbour of the coffee photo is the rewritten copy
+    argv = ["search", "--index", str(index), "--path", str(planted["photos"] / "coffee.png"), "-k", "2"]
+    assert main([*argv, "--sheet", str(tmp_path / "search.png")]) == 0
+    assert str(outside) in capsys.readouterr().out.splitlines()[0]
+    drawn = Image.open(tmp_path / "search.png").convert("RGB")
+    for i, grey in enumerate([False, True, False]):  # query, the rewritten copy, the next neighbour
+        left, top = layout.tile_origin(i)
+        assert (drawn.getpixel((left + 1, top + layout.thumb - 2)) == MISSING) == grey
+
+
+def test_index_reads_stay_under_the_recorded_inputs_and_max_bytes(planted, tmp_path):
+    from bitray.search.scope import IndexReads
+
+    reads = IndexReads.of_output(str(planted["output"]))
+    assert reads.prefixes == (str(planted["photos"]),) and reads.max_bytes == 256 * 2**20
+    inside = planted["photos"] / "coffee.png"
+    assert reads.read(str(inside)) == inside.read_bytes()
+    for path in (
+        "/etc/passwd",
+        "/dev/zero",
+        f"{planted['photos']}/../../etc/passwd",
+        f"{planted['photos']}x/a",
+    ):
+        with pytest.raises(BitrayError, match="not under the inputs"):
+            reads.read(path)
+    small = IndexReads(reads.output, reads.prefixes, max_bytes=100)
+    with pytest.raises(BitrayError, match="over the cap of 100 bytes"):
+        small.read(str(inside))
+    assert IndexReads(reads.output, ("/dev",), 100).allows("/dev/zero")
+    with pytest.raises(BitrayError, match="not a regular file"):  # never read until memory runs out
+        IndexReads(reads.output, ("/dev",), 100).read("/dev/zero")

@@ -88,6 +88,7 @@ def run_search(args: argparse.Namespace) -> int:
     """``bitray search --index ./out/_index --image cat.jpg -k 5 --sheet cat.png``"""
     from bitray.search.index import load_index
     from bitray.search.query import search, sheet_items
+    from bitray.search.scope import IndexReads
     from bitray.search.sheet import contact_sheet, write_png
 
     index = load_index(args.index)
@@ -101,7 +102,8 @@ def run_search(args: argparse.Namespace) -> int:
         ):
             print(f"{rank:>3}  {similarity:.4f}  {path}")
     if args.sheet:
-        write_png(contact_sheet(sheet_items(args.image or args.path, results)), args.sheet)
+        reads = IndexReads.of_output(index.meta.embeddings).allow(*([args.image] if args.image else []))
+        write_png(contact_sheet(sheet_items(args.image or args.path, results), read=reads.read), args.sheet)
         print(f"bitray: contact sheet in {args.sheet}", file=sys.stderr)
     return 0
 
@@ -110,9 +112,11 @@ def run_duplicates(args: argparse.Namespace) -> int:
     """``bitray duplicates --index ./out/_index --threshold 0.95 --output dups.parquet --sheet dups.png``"""
     from bitray.search import duplicates
     from bitray.search.index import load_index
+    from bitray.search.scope import IndexReads
     from bitray.search.sheet import contact_sheet, write_png
 
-    table = duplicates.find_duplicates(load_index(args.index), duplicates.DuplicateOptions(args.threshold))
+    index = load_index(args.index)
+    table = duplicates.find_duplicates(index, duplicates.DuplicateOptions(args.threshold))
     duplicates.write_duplicates(table, args.output)
     groups = len(set(table.column("group").to_pylist()))
     exact = sum(
@@ -123,7 +127,8 @@ def run_duplicates(args: argparse.Namespace) -> int:
     )
     print(f"bitray: {groups} group(s), {table.num_rows} image(s), {exact} exact copies -> {args.output}")
     if args.sheet and table.num_rows:
-        write_png(contact_sheet(duplicates.sheet_items(table)), args.sheet)
+        reads = IndexReads.of_output(index.meta.embeddings)
+        write_png(contact_sheet(duplicates.sheet_items(table), read=reads.read), args.sheet)
         print(f"bitray: contact sheet in {args.sheet}", file=sys.stderr)
     return 0
 

@@ -68,6 +68,10 @@ class RunParams(BaseModel):
     task: Literal["embed", "classify"] = "embed"
     top_k: int = 5
     inputs: list[str]
+    """Input prefixes and objects as listed (local paths absolute); runs before ``input_manifest`` existed
+    also hold the manifest file here. Reads an index drives stay under these (``bitray.search.scope``)."""
+    input_manifest: str | None = None
+    """The file of input URIs (``--manifest``) the run listed, if any."""
     counts: InputCounts
     manifest: list[ManifestPart]
     retried: list[ManifestPart] = []
@@ -111,7 +115,8 @@ class RunParams(BaseModel):
             incremental=config.incremental,
             task=config.task,
             top_k=config.top_k,
-            inputs=[*config.inputs, *([config.manifest] if config.manifest else [])],
+            inputs=[_absolute(uri) for uri in config.inputs],
+            input_manifest=_absolute(config.manifest) if config.manifest else None,
             counts=counts,
             manifest=manifest,
             retried=retried or [],
@@ -155,6 +160,11 @@ class RunParams(BaseModel):
         theirs = {"model": config.model, "image_size": config.size_hw(), "batch_size": config.batch_size,
                   "rows_per_file": config.rows_per_file, "decode": config.decode}  # fmt: skip
         return [f"{key} {mine[key]} (not {theirs[key]})" for key in mine if mine[key] != theirs[key]]
+
+
+def _absolute(uri: str) -> str:
+    """A local path made absolute, as the listing names its files; object-store URIs as they are."""
+    return uri if storage.is_remote(uri) else str(storage.local_path(uri))
 
 
 def resolved_storage(config: StorageConfig) -> StorageConfig:

@@ -9,8 +9,8 @@ path in sort order).
 
 A member is an ``exact`` duplicate of its representative when their bytes are the same: equal ETags (S3
 ETags of single-part uploads are MD5s of the content), else equal size and equal SHA-256 of the content,
-read from storage for group members only. (The ``etag`` column of a ``gs://`` object holds its generation,
-which says nothing about the content.)
+read from storage for group members only, and only under the output's recorded inputs (``IndexReads``).
+(The ``etag`` column of a ``gs://`` object holds its generation, which says nothing about the content.)
 
 Output columns: ``group`` (0 = largest group), ``path``, ``similarity`` (to the representative; 1 for
 itself), ``representative``, ``exact``, ``group_size``, ``etag``, ``size``. Groups of one are not written.
@@ -29,6 +29,7 @@ from bitray import storage
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
 from bitray.search.index import SearchIndex
+from bitray.search.scope import IndexReads
 from bitray.search.sheet import SheetItem
 
 QUERY_BATCH = 1024
@@ -72,7 +73,7 @@ def find_duplicates(
         degree[a] += 1
         degree[b] += 1
     out: dict[str, list] = {name: [] for name in SCHEMA.names}
-    hashes: dict[str, str | None] = {}
+    hashes = _Hashes(index, storage_config)
     for group, members in enumerate(sorted(groups, key=lambda m: (-len(m), min(paths[i] for i in m)))):
         rep = min(members, key=lambda i: (-degree[i], paths[i]))
         vecs = index.vectors_of(ids[members])
@@ -84,7 +85,7 @@ def find_duplicates(
             out["path"].append(paths[i])
             out["similarity"].append(1.0 if i == rep else float(sims[n]))
             out["representative"].append(i == rep)
-            out["exact"].append(i == rep or _same_bytes(i, rep, paths, etags, sizes, hashes, storage_config))
+            out["exact"].append(i == rep or _same_bytes(i, rep, paths, etags, sizes, hashes))
             out["group_size"].append(len(members))
             out["etag"].append(etags[i])
             out["size"].append(sizes[i])
@@ -150,28 +151,32 @@ def _components(pairs: list[tuple[int, int]]) -> list[list[int]]:
 
 
 def _same_bytes(
-    i: int,
-    rep: int,
-    paths: list[str],
-    etags: list[str | None],
-    sizes: list[int],
-    hashes: dict[str, str | None],
-    storage_config: StorageConfig | None,
+    i: int, rep: int, paths: list[str], etags: list[str | None], sizes: list[int], hashes: _Hashes
 ) -> bool:
     s3 = storage.scheme_of(paths[i]) == storage.scheme_of(paths[rep]) == "s3"  # a GCS "etag" is a generation
     if s3 and etags[i] and etags[rep] and etags[i] == etags[rep]:
         return True
     if sizes[i] != sizes[rep]:
         return False
-    return (
-        _digest(paths[i], hashes, storage_config) == _digest(paths[rep], hashes, storage_config) is not None
-    )
+    return hashes.digest(paths[i]) == hashes.digest(paths[rep]) is not None
 
 
-def _digest(uri: str, hashes: dict[str, str | None], storage_config: StorageConfig | None) -> str | None:
-    if uri not in hashes:
-        try:
-            hashes[uri] = hashlib.sha256(storage.read_bytes(uri, storage_config)).hexdigest()
-        except BitrayError:
-            hashes[uri] = None  # gone since it was embedded: not provably the same bytes
-    return hashes[uri]
+class _Hashes:
+    """SHA-256 of group members, each read once, only under the output's inputs and up to its
+    ``max_bytes`` (``IndexReads``: the paths come from the index file)."""
+
+    def __init__(self, index: SearchIndex, storage_config: StorageConfig | None) -> None:
+        self.index = index
+        self.storage_config = storage_config
+        self._reads: IndexReads | None = None
+        self._found: dict[str, str | None] = {}
+
+    def digest(self, uri: str) -> str | None:
+        if uri not in self._found:
+            if self._reads is None:  # run.json of each run: only once a pair needs its bytes compared
+                self._reads = IndexReads.of_output(self.index.meta.embeddings, self.storage_config)
+            try:
+                self._found[uri] = hashlib.sha256(self._reads.read(uri)).hexdigest()
+            except BitrayError:  # gone since it was embedded, or refused: not provably the same bytes
+                self._found[uri] = None
+        return self._found[uri]

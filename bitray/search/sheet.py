@@ -11,7 +11,7 @@ hide the rest.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
@@ -82,9 +82,15 @@ def contact_sheet(
     items: Sequence[SheetItem],
     layout: SheetLayout | None = None,
     storage_config: StorageConfig | None = None,
+    read: Callable[[str], bytes] | None = None,
 ) -> Image.Image:
-    """The sheet of ``items`` in order, left to right, top to bottom."""
+    """The sheet of ``items`` in order, left to right, top to bottom.
+
+    ``read`` fetches a tile's bytes (default: the whole object). Items taken from an index pass
+    ``IndexReads.read`` (``bitray.search.scope``), so a rewritten index cannot make a sheet read any path.
+    """
     layout = layout or SheetLayout()
+    read = read or (lambda uri: storage.read_bytes(uri, storage_config))
     if not items:
         raise BitrayError("a contact sheet needs at least one image")
     sheet = Image.new("RGB", layout.size(len(items)), BACKGROUND)
@@ -93,7 +99,7 @@ def contact_sheet(
     for i, item in enumerate(items):
         left, top = layout.tile_origin(i)
         try:
-            thumb = thumbnail(storage.read_bytes(item.uri, storage_config), layout.thumb)
+            thumb = thumbnail(read(item.uri), layout.thumb)
         except BitrayError as exc:  # deleted since it was embedded, or no longer decodable
             draw.rectangle((left, top, left + layout.thumb - 1, top + layout.thumb - 1), fill=MISSING)
             draw.text(

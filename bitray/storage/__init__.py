@@ -66,7 +66,7 @@ from bitray.storage.objects import (
     read_if_exists,
     write_bytes,
 )
-from bitray.storage.reads import READ_RETRY_S, read_object
+from bitray.storage.reads import READ_RETRY_S, read_at_most, read_object
 from bitray.storage.uri import ObjectInfo, is_remote, join, local_path, scheme_of, split_bucket
 
 __all__ = [
@@ -117,6 +117,7 @@ __all__ = [
     "pending_uploads",
     "put_if_match",
     "put_if_none_match",
+    "read_at_most",
     "read_bytes",
     "read_error",
     "read_if_exists",

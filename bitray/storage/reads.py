@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import os
 import random
+import stat
 import time
+from typing import BinaryIO
 
 from bitray.config import StorageConfig
 from bitray.storage.clients import gcs_client, shared_s3_client
@@ -20,6 +22,7 @@ from bitray.storage.errors import (
     TransientStorageError,
     error_code,
     is_transient,
+    read_error,
 )
 from bitray.storage.uri import ObjectInfo, local_path, scheme_of, split_bucket
 
@@ -77,6 +80,64 @@ def read_object(
         return data
 
 
+def read_at_most(uri: str, max_bytes: int, storage: StorageConfig | None = None) -> bytes:
+    """The current bytes of ``uri``, never more than ``max_bytes`` read or held: ``ObjectTooLarge`` beyond.
+
+    For reads whose size nobody vouches for (a path taken from an index file): at most ``max_bytes + 1``
+    bytes are requested (an S3 or GCS range, a bounded read of a regular local file), so neither a huge
+    object nor ``/dev/zero`` can exhaust memory. ``ObjectMissing`` / ``ReadRefused`` as ``read_object``.
+    """
+    storage = storage or StorageConfig()
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        try:
+            with _open_regular(local_path(uri), uri) as handle:
+                data = handle.read(max_bytes + 1)
+        except FileNotFoundError:
+            raise ObjectMissing(f"{uri} does not exist") from None
+        except (PermissionError, IsADirectoryError) as exc:
+            raise ReadRefused(f"cannot read {uri}: {exc.strerror}") from None
+    elif scheme == "s3":
+        data = _s3_head_bytes(uri, max_bytes + 1, storage)
+    else:
+        data = _gs_head_bytes(uri, max_bytes + 1, storage)
+    if len(data) > max_bytes:
+        raise ObjectTooLarge(f"{uri} is over the cap of {max_bytes:,} bytes (max_bytes)")
+    return data
+
+
+def _s3_head_bytes(uri: str, count: int, storage: StorageConfig) -> bytes:
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_bucket(uri)
+    try:
+        reply = shared_s3_client(storage).get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{count - 1}")
+        return reply["Body"].read(count)
+    except ClientError as exc:
+        if error_code(exc) == "InvalidRange":  # an empty object has no byte 0
+            return b""
+        permanent = read_error(uri, exc)
+        if permanent is not None:
+            raise permanent from None
+        raise PermanentReadError(f"cannot read {uri}: {error_code(exc)}: {exc}") from None
+
+
+def _gs_head_bytes(uri: str, count: int, storage: StorageConfig) -> bytes:
+    from google.api_core import exceptions as gexc
+
+    bucket, key = split_bucket(uri)
+    try:
+        return _gcs_read_client(storage).bucket(bucket).blob(key).download_as_bytes(start=0, end=count - 1)
+    except gexc.NotFound:
+        raise ObjectMissing(f"{uri} does not exist") from None
+    except gexc.RequestRangeNotSatisfiable:
+        return b""
+    except (gexc.Forbidden, gexc.Unauthorized) as exc:
+        raise ReadRefused(f"reading {uri} was refused ({exc.code}); check the bucket's IAM") from None
+    except gexc.GoogleAPICallError as exc:
+        raise PermanentReadError(f"cannot read {uri}: {exc}") from None
+
+
 def _retryable(scheme: str, exc: BaseException, uri: str) -> bool:
     """Transient: retry. Permanent but unnamed (an S3 4xx nobody listed here): a ``PermanentReadError``.
     Anything else (a bug) propagates as it is."""
@@ -114,10 +175,11 @@ def _read_s3(obj: ObjectInfo, storage: StorageConfig) -> bytes:
 def _read_local(obj: ObjectInfo, storage: StorageConfig) -> bytes:
     path = local_path(obj.uri)
     try:
-        with open(path, "rb") as handle:
+        handle = _open_regular(path, obj.uri)
+        with handle:
             before = os.fstat(handle.fileno())
             _check_local(obj, before.st_size, before.st_mtime_ns)
-            data = handle.read()
+            data = handle.read(obj.size + 1)  # one byte more than listed: a grown file, never /dev/zero
             after = os.fstat(handle.fileno())
     except FileNotFoundError:
         raise ObjectMissing(f"{obj.uri} was listed but no longer exists") from None
@@ -127,6 +189,16 @@ def _read_local(obj: ObjectInfo, storage: StorageConfig) -> bytes:
     if len(data) != obj.size:
         raise ObjectChanged(f"{obj.uri} changed while it was read")
     return data
+
+
+def _open_regular(path: os.PathLike | str, uri: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file; a FIFO or device (which could block for ever
+    or never end) is ``ReadRefused``. ``O_NONBLOCK`` keeps the open itself from waiting on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ReadRefused(f"cannot read {uri}: not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _check_local(obj: ObjectInfo, size: int, mtime_ns: int) -> None:
