@@ -131,3 +131,19 @@ def test_unsupported_scheme_and_bucketless_uri():
         storage.scheme_of("ftp://host/x")
     with pytest.raises(BitrayError, match="names no bucket"):
         storage.split_bucket("s3:///key")
+
+
+def test_read_at_most_never_holds_more_than_the_cap(s3_server, s3_bucket, tmp_path):
+    client = _client(s3_server)
+    client.put_object(Bucket=s3_bucket, Key="ten", Body=b"0123456789")
+    client.put_object(Bucket=s3_bucket, Key="empty", Body=b"")
+    (tmp_path / "ten").write_bytes(b"0123456789")
+    for uri in (f"s3://{s3_bucket}/ten", str(tmp_path / "ten")):
+        assert storage.read_at_most(uri, 10) == b"0123456789"
+        with pytest.raises(storage.ObjectTooLarge, match="over the cap of 9 bytes"):
+            storage.read_at_most(uri, 9)
+    assert storage.read_at_most(f"s3://{s3_bucket}/empty", 10) == b""
+    with pytest.raises(storage.ObjectMissing):
+        storage.read_at_most(f"s3://{s3_bucket}/nope", 10)
+    with pytest.raises(storage.ReadRefused, match="not a regular file"):
+        storage.read_at_most("/dev/zero", 10)

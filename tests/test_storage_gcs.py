@@ -100,6 +100,15 @@ def test_gs_versions_are_generations_so_a_same_size_replacement_is_a_change(gcs_
     assert storage.read_object(relisted, StorageConfig()) == b"BBBB"
 
 
+def test_gs_read_at_most_reads_a_range(gcs_bucket):
+    gcs_bucket.blob("p/ten").upload_from_string(b"0123456789")
+    assert storage.read_at_most(f"gs://{gcs_bucket.name}/p/ten", 10) == b"0123456789"
+    with pytest.raises(ObjectTooLarge):
+        storage.read_at_most(f"gs://{gcs_bucket.name}/p/ten", 9)
+    with pytest.raises(ObjectMissing):
+        storage.read_at_most(f"gs://{gcs_bucket.name}/p/nope", 9)
+
+
 def test_gs_missing_bucket_is_a_clear_error(gcs_emulator):
     with pytest.raises(storage.BitrayError, match="bucket 'no-such-bucket' .* does not exist"):
         list(storage.list_objects("gs://no-such-bucket/p/"))
