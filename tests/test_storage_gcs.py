@@ -109,6 +109,18 @@ def test_gs_read_at_most_reads_a_range(gcs_bucket):
         storage.read_at_most(f"gs://{gcs_bucket.name}/p/nope", 9)
 
 
+def test_gs_objects_recorded_by_size_and_mtime_stay_unchanged_after_the_upgrade():
+    """Outputs recorded GCS objects by size and mtime before generations: the same object is unchanged."""
+    from bitray.embed.state import diff
+
+    uri = "gs://bucket/p/a.jpg"
+    listed = [storage.ObjectInfo(uri, 4, 1_000, etag="1796505015990195768")]
+    assert [s for _, s in diff(listed, [(uri, "size:4:mtime_ns:1000")])] == ["unchanged"]
+    assert [s for _, s in diff(listed, [(uri, "size:4:mtime_ns:999")])] == ["changed"]
+    local = [storage.ObjectInfo("/p/a.jpg", 4, 1_000, etag="x")]  # only gs:// had no version before
+    assert [s for _, s in diff(local, [("/p/a.jpg", "size:4:mtime_ns:1000")])] == ["changed"]
+
+
 def test_gs_missing_bucket_is_a_clear_error(gcs_emulator):
     with pytest.raises(storage.BitrayError, match="bucket 'no-such-bucket' .* does not exist"):
         list(storage.list_objects("gs://no-such-bucket/p/"))

@@ -114,11 +114,19 @@ def diff(
         while current is not None and current[0] == obj.uri:
             seen.add(current[1])
             current = next(versions, None)
-        if obj.version in seen:
+        if obj.version in seen or _recorded_before_generations(obj) in seen:
             yield obj, "unchanged"
         else:
             yield obj, "changed" if seen else "new"
         # the next listed path is larger: versions of this path are consumed, none is skipped
+
+
+def _recorded_before_generations(obj: ObjectInfo) -> str | None:
+    """The version a ``gs://`` object had when bitray recorded GCS objects by size and mtime (before it
+    recorded their generation): the same object then, so upgrading does not re-embed a bucket."""
+    if not obj.uri.startswith("gs://"):
+        return None
+    return ObjectInfo(obj.uri, obj.size, obj.mtime_ns).version
 
 
 def record_run(layout: OutputLayout, state: IncrementalState, params: RunParams) -> IncrementalState:

@@ -215,7 +215,7 @@ def _read_gs(obj: ObjectInfo, storage: StorageConfig) -> bytes:
     from google.api_core import exceptions as gexc
 
     bucket, key = split_bucket(obj.uri)
-    generation = int(obj.etag) if obj.etag else None
+    generation = int(obj.etag) if obj.etag and obj.etag.isdigit() else None
     try:
         blob = _gcs_read_client(storage).bucket(bucket).blob(key)
         # at most one byte more than listed: a grown object is detected without reading all of it
