@@ -29,6 +29,7 @@ import yaml
 import bitray
 from bitray.config import read_yaml
 from bitray.errors import BitrayError
+from bitray.redaction import redacted
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -247,17 +248,19 @@ class Jobs:
             text = str(exc)
             if submission_id is not None and "already exists" in text:
                 raise SubmissionIdTaken(
-                    f"submission id {submission_id!r} was already used on the cluster at {self.address} "
-                    "(Ray never reuses one); omit --submission-id or choose a new one"
+                    f"submission id {submission_id!r} was already used on the cluster at "
+                    f"{redacted(self.address)} (Ray never reuses one); omit --submission-id or choose a "
+                    "new one"
                 ) from None
             if "does not exist" in text or "status code 404" in text:
                 raise BitrayError(
-                    f"{doing}: no such job on the cluster at {self.address}; see `bitray jobs list`"
+                    f"{doing}: no such job on the cluster at {redacted(self.address)}; see `bitray jobs list`"
                 ) from None
             if isinstance(exc, ConnectionError) or "Failed to connect" in text:
                 raise BitrayError(unreachable_message(self.address)) from None
             last = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
-            raise BitrayError(f"{doing} failed on the cluster at {self.address}: {last}") from None
+            where = redacted(self.address)
+            raise BitrayError(f"{doing} failed on the cluster at {where}: {redacted(last)}") from None
 
 
 class SubmissionIdTaken(BitrayError):
@@ -270,16 +273,17 @@ class JobFailed(BitrayError):
 
 def unreachable_message(address: str) -> str:
     return (
-        f"cannot reach the Ray job server at {address}: check --address or RAY_ADDRESS (the dashboard "
-        "address, port 8265 by default) and that the cluster is up; for a cluster.yaml cluster, keep "
-        "`ray dashboard cluster.yaml` running and use http://127.0.0.1:8265"
+        f"cannot reach the Ray job server at {redacted(address)}: check --address or RAY_ADDRESS "
+        "(the dashboard address, port 8265 by default) and that the cluster is up; for a cluster.yaml "
+        "cluster, keep `ray dashboard cluster.yaml` running and use http://127.0.0.1:8265"
     )
 
 
 def auth_message(address: str) -> str:
     return (
-        f"the Ray cluster at {address} requires an authentication token: set RAY_AUTH_MODE=token and "
-        "RAY_AUTH_TOKEN (or put the token in ~/.ray/auth_token), as printed by `ray get-auth-token`"
+        f"the Ray cluster at {redacted(address)} requires an authentication token: set "
+        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or put the token in ~/.ray/auth_token), as printed by "
+        "`ray get-auth-token`"
     )
 
 
@@ -294,11 +298,11 @@ def _connect(address: str) -> JobSubmissionClient:
     except ConnectionError:
         raise BitrayError(unreachable_message(address)) from None
     except ValueError as exc:  # a malformed address
-        raise BitrayError(f"invalid Ray address {address!r}: {exc}") from None
+        raise BitrayError(f"invalid Ray address {redacted(address)!r}: {redacted(exc)}") from None
     except RuntimeError as exc:  # something answered, but not Ray's job server
         raise BitrayError(
-            f"{address} answered, but not as a Ray job server ({exc}); point --address or RAY_ADDRESS "
-            "at the Ray dashboard (port 8265 by default)"
+            f"{redacted(address)} answered, but not as a Ray job server ({redacted(exc)}); point "
+            "--address or RAY_ADDRESS at the Ray dashboard (port 8265 by default)"
         ) from None
 
 

@@ -82,3 +82,11 @@ def test_an_unreachable_s3_endpoint_is_named_without_its_password():
     with pytest.raises(BitrayError, match="cannot reach the S3 endpoint") as raised:
         list(storage.list_objects("s3://bucket/prefix", storage=config))
     assert SECRET not in str(raised.value) and "key:***@127.0.0.1" in str(raised.value)
+
+
+def test_a_ray_job_server_address_is_named_without_its_password(capsys):
+    from bitray.cli import main
+
+    assert main(["jobs", "list", "--address", f"http://ops:{SECRET}@127.0.0.1:{_closed_port()}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Ray job server at http://ops:***@127.0.0.1:" in err and SECRET not in err
