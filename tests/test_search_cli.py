@@ -66,6 +66,18 @@ def test_duplicate_components_are_transitive():
     assert _components([]) == []
 
 
+def test_equal_etags_mean_equal_bytes_on_s3_only():
+    """A gs:// row's etag is its generation: two objects may share one and still differ."""
+    from bitray.search.duplicates import _same_bytes
+
+    class Digests:  # what reading each object would give
+        def digest(self, uri: str) -> str | None:
+            return {"gs://b/a": "1", "gs://b/c": "2"}.get(uri)
+
+    assert not _same_bytes(0, 1, ["gs://b/a", "gs://b/c"], ["17", "17"], [4, 4], Digests())
+    assert _same_bytes(0, 1, ["s3://b/a", "s3://b/c"], ["md5", "md5"], [4, 4], Digests())
+
+
 def test_normalise_keeps_zero_rows_zero():
     from bitray.search.vectors import normalise
 
