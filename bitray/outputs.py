@@ -14,8 +14,11 @@ from bitray.embed import retry
 from bitray.embed.layout import DATA_KINDS, OutputLayout
 from bitray.embed.params import RunParams
 from bitray.embed.run import output_layout
-from bitray.embed.state import IncrementalState
+from bitray.embed.settings import OutputSettings
+from bitray.embed.state import IncrementalState, recorded_settings
 from bitray.errors import BitrayError
+
+__all__ = ["OutputSettings", "committed_files", "finished_runs", "open_errors", "run_model", "settings"]
 
 
 def _layout(output: str, storage: StorageConfig | None) -> OutputLayout:
@@ -45,6 +48,14 @@ def run_model(output: str, run_id: str, storage: StorageConfig | None = None) ->
     """(model spec the run embedded with, e.g. 'random:tiny', and its image size (h, w))."""
     params = RunParams.load(_layout(output, storage), run_id)
     return params.model, params.image_size
+
+
+def settings(output: str, storage: StorageConfig | None = None) -> OutputSettings | None:
+    """The model spec and id, image size, decode, CPU precision and task every row of the output was made
+    with (None before a run embedded anything). ``BitrayError`` for an output whose runs made their rows
+    differently (an older bitray allowed it): such rows cannot be read as one set."""
+    layout = _layout(output, storage)
+    return recorded_settings(layout, IncrementalState.load(layout))
 
 
 def open_errors(output: str, storage: StorageConfig | None = None) -> list[retry.OpenError]:
