@@ -115,11 +115,13 @@ def settle(config: EmbedConfig, layout: OutputLayout, recorded: OutputSettings |
         given = config.model_fields_set
         mine = {"model": recorded.model, "image_size": recorded.image_size, "decode": recorded.decode,
                 "cpu_precision": recorded.cpu_precision, "task": recorded.task}  # fmt: skip
-        asked = {"model": resolved_model(config.model) if "model" in given else None,
+        resolved = resolved_model(config.model) if "model" in given else None
+        asked = {"model": resolved,
                  "image_size": config.size_hw(), "decode": config.decode,
                  "cpu_precision": config.cpu_precision, "task": config.task}  # fmt: skip
+        shown = {**asked, "model": config.model + (f" (now {resolved})" if resolved != config.model else "")}
         refused = [
-            f"{FLAGS[name]} {_show(asked[name])} (the output's rows were made with {_show(mine[name])})"
+            f"{FLAGS[name]} {_show(shown[name])} (the output's rows were made with {_show(mine[name])})"
             for name in SHARED
             if name in given and asked[name] != mine[name]
         ]
