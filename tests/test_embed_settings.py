@@ -145,19 +145,26 @@ def registry(mlflow_tracking_uri, tmp_path) -> dict:
 
     from bitray import tracking
     from bitray.model.export import export_savedmodel
+    from bitray.model.weights import METADATA_FILE
 
     loaded = random_head_classifier(2)
-    exports = tmp_path / "exports"
+    first = tmp_path / "exports" / "1"
+    export_savedmodel(loaded, first / tracking.FEATURE_VECTOR)
+    export_savedmodel(loaded, first / tracking.CLASSIFIER, classifier=True)
     ids = {}
-    for version in ("1", "2"):
-        loaded.model_id = f"bit-tiny@finetune-v{version}"
-        features = export_savedmodel(loaded, exports / version / tracking.FEATURE_VECTOR)
-        classifier = export_savedmodel(loaded, exports / version / tracking.CLASSIFIER, classifier=True)
+    for version in ("1", "2"):  # version 2: the same export saying other weights, as a new fine-tune would
+        directory = tmp_path / "exports" / version
+        if version != "1":
+            shutil.copytree(first, directory)
+        ids[version] = f"bit-tiny@finetune-v{version}"
+        for part in (tracking.FEATURE_VECTOR, tracking.CLASSIFIER):
+            meta = directory / part / METADATA_FILE
+            meta.write_text(json.dumps({**json.loads(meta.read_text()), "model_id": ids[version]}))
         run_id, _ = tracking.start_or_resume_run(mlflow_tracking_uri, "exp", f"tune-{version}", "/runs")
         example = np.zeros((1, 32, 32, 3), np.float32)
-        uri = tracking.log_final_model(mlflow_tracking_uri, run_id, Path(features), Path(classifier), example)
+        parts = directory / tracking.FEATURE_VECTOR, directory / tracking.CLASSIFIER
+        uri = tracking.log_final_model(mlflow_tracking_uri, run_id, *parts, example)
         assert tracking.register_version(mlflow_tracking_uri, uri, "tiny", {}) == version
-        ids[version] = loaded.model_id
     tracking.set_alias(mlflow_tracking_uri, "tiny", "champion", "1")
     return {"uri": mlflow_tracking_uri, "ids": ids}
 
