@@ -87,32 +87,28 @@ def test_readers_refuse_an_output_mixed_by_an_older_bitray(tiny_output, tmp_path
 
     output = tmp_path / "out"
     shutil.copytree(tiny_output["output"], output)
-    assert outputs.settings(str(output)).model == "random:tiny"
-    # what bitray before this check wrote for `--incremental --image-size 40`: a run at another size,
-    # and a state that does not record the output's settings
+    # what bitray before this check wrote for `--incremental --decode exact`: a run that decoded another
+    # way, and a state that does not record the output's settings
     params = run_json(output, "second")
-    params["image_size"] = [40, 40]
+    params["decode"] = "exact"
     (output / "_bitray" / "runs" / "second" / "run.json").write_text(json.dumps(params))
     current = output / "_bitray" / "state" / "current.json"
     state = json.loads(current.read_text())
-    del state["settings"]
+    state.pop("settings", None)
     current.write_text(json.dumps(state))
 
-    message = (
-        r"mixes rows made differently: image_size 32x32 px \(run first\); image_size 40x40 px \(run second\)"
-    )
-    with pytest.raises(BitrayError, match=message):
-        outputs.settings(str(output))
+    message = r"mixes rows made differently: decode fast \(run first\); decode exact \(run second\)"
     with pytest.raises(BitrayError, match=message):
         update_index(str(output), str(tmp_path / "index"))
     labels = tmp_path / "labels.csv"
-    labels.write_text(
-        "path,label\n" + "".join(f"{p},a\n" for p in sorted(tiny_output["photos"].glob("img-*")))
-    )
+    photos = sorted(tiny_output["photos"].glob("img-*"))
+    labels.write_text("path,label\n" + "".join(f"{p},{'ab'[i % 2]}\n" for i, p in enumerate(photos)))
     with pytest.raises(BitrayError, match=message):
         load_labelled_vectors(str(output), str(labels))
     assert main(["index", "--embeddings", str(output), "--index", str(tmp_path / "index")]) == 2
     assert "mixes rows made differently" in capsys.readouterr().err
+    with pytest.raises(BitrayError, match=message):
+        outputs.settings(str(output))
     with pytest.raises(BitrayError, match=message):  # and no run adds to it
         run_embedding(tiny_config([str(tiny_output["photos"])], str(output), incremental=True))
 

@@ -43,8 +43,6 @@ def test_an_indexed_image_finds_itself(tmp_path, ray_local, decode, capsys):
     output = tmp_path / "out"
     run_embedding(tiny_config([str(tmp_path / "photos")], str(output), decode=decode))
     update_index(str(output))
-    index = load_index(str(output / "_index"))
-    assert (index.meta.decode, index.meta.image_size) == (decode, (32, 32))
     capsys.readouterr()
     for photo in photos:
         assert (
@@ -53,3 +51,5 @@ def test_an_indexed_image_finds_itself(tmp_path, ray_local, decode, capsys):
         )
         [best] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
         assert best["path"] == str(photo) and best["similarity"] >= 0.999, best
+    index = load_index(str(output / "_index"))
+    assert (index.meta.decode, index.meta.image_size) == (decode, (32, 32))
