@@ -111,14 +111,15 @@ def settle(config: EmbedConfig, layout: OutputLayout, recorded: OutputSettings |
     Raises ``BitrayError`` (one message, both values) when the config gives a value the output's rows were
     not made with. The model id is compared later, by the actors that load the model (``RunParams.model_id``).
     """
+    given = config.model_fields_set
+    resolved = resolved_model(config.model)  # asked of MLflow once: the alias may move at any time
     if recorded is not None:
-        given = config.model_fields_set
-        mine = {"model": recorded.model, "image_size": recorded.image_size, "decode": recorded.decode,
-                "cpu_precision": recorded.cpu_precision, "task": recorded.task}  # fmt: skip
-        resolved = resolved_model(config.model) if "model" in given else None
-        asked = {"model": resolved,
-                 "image_size": config.size_hw(), "decode": config.decode,
-                 "cpu_precision": config.cpu_precision, "task": config.task}  # fmt: skip
+        mine = {name: getattr(recorded, name) for name in SHARED}
+        asked = {
+            **{name: getattr(config, name) for name in SHARED},
+            "model": resolved,
+            "image_size": config.size_hw(),
+        }
         shown = {**asked, "model": config.model + (f" (now {resolved})" if resolved != config.model else "")}
         refused = [
             f"{FLAGS[name]} {_show(shown[name])} (the output's rows were made with {_show(mine[name])})"
@@ -131,8 +132,10 @@ def settle(config: EmbedConfig, layout: OutputLayout, recorded: OutputSettings |
                 f"run asks for another: {'; '.join(refused)}. Leave the setting out to take the output's, "
                 "or embed into another --output"
             )
-        config = config.model_copy(update={name: mine[name] for name in SHARED if name not in given})
-    config = config.model_copy(update={"model": resolved_model(config.model)})
+        asked.update({name: mine[name] for name in SHARED if name not in given})
+        config = config.model_copy(update=asked)
+    else:
+        config = config.model_copy(update={"model": resolved})
     check_cpu_precision(config.cpu_precision, config.model)
     return config
 
