@@ -15,8 +15,11 @@ from bitray.embed import retry
 from bitray.embed.layout import DATA_KINDS, OutputLayout
 from bitray.embed.params import RunParams
 from bitray.embed.run import output_layout
-from bitray.embed.state import IncrementalState
+from bitray.embed.settings import OutputSettings
+from bitray.embed.state import IncrementalState, recorded_settings
 from bitray.errors import BitrayError
+
+__all__ = ["OutputSettings", "committed_files", "finished_runs", "open_errors", "run_model", "settings"]
 
 
 def _layout(output: str, storage: StorageConfig | None) -> OutputLayout:
@@ -73,6 +76,14 @@ def recorded_inputs(output: str, storage: StorageConfig | None = None) -> Record
         caps.append(params.max_bytes)
     max_bytes = None if None in caps else max(caps, default=None)
     return RecordedInputs(sorted(set(prefixes)), sorted(set(manifests)), max_bytes)
+
+
+def settings(output: str, storage: StorageConfig | None = None) -> OutputSettings | None:
+    """The model spec and id, image size, decode, CPU precision and task every row of the output was made
+    with (None before a run embedded anything). ``BitrayError`` for an output whose runs made their rows
+    differently (an older bitray allowed it): such rows cannot be read as one set."""
+    layout = _layout(output, storage)
+    return recorded_settings(layout, IncrementalState.load(layout))
 
 
 def open_errors(output: str, storage: StorageConfig | None = None) -> list[retry.OpenError]:

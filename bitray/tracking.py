@@ -294,6 +294,27 @@ def alias_holder(tracking_uri: str, name: str, alias: str) -> tuple[str, dict[st
     return str(held.version), dict(held.tags)
 
 
+def registered_version(uri: str) -> str:
+    """``models:/NAME@ALIAS`` as ``models:/NAME/<version>``, the version the alias points at now, asked of
+    MLflow's own tracking URI (``MLFLOW_TRACKING_URI``), as ``resolve_registered_model`` loads it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name, _, alias = uri.removeprefix(MODELS_SCHEME).rpartition("@")
+    if not uri.startswith(MODELS_SCHEME) or not name or not alias:
+        raise BitrayError(f"{uri!r} is not a registered model alias; write models:/<name>@<alias>")
+    quick_failures()
+    try:
+        held = _client(mlflow.get_tracking_uri()).get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise BitrayError(
+            f"cannot resolve {uri!r} in MLflow ({exc.message}); check MLFLOW_TRACKING_URI and the name/alias"
+        ) from None
+    except Exception as exc:  # connection errors, sqlalchemy
+        raise BitrayError(f"cannot resolve {uri!r} in MLflow ({exc}); check MLFLOW_TRACKING_URI") from None
+    return f"{MODELS_SCHEME}{name}/{held.version}"
+
+
 def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
     _client(tracking_uri).set_registered_model_alias(name, alias, version)
 

@@ -132,15 +132,22 @@ class EmbedActor:
         task: str = "embed",
         top_k: int = 5,
         ledger: Any = None,
+        model_id: str | None = None,
     ) -> None:
         """``ledger``: a ``CrashLedger`` handle; a batch that killed an actor before runs image by image
-        (``bitray.embed.isolation``)."""
+        (``bitray.embed.isolation``). ``model_id``: the id of the weights the output's rows carry; a model
+        that loads as another is refused before it embeds anything (``bitray.embed.settings``)."""
         configure_tensorflow(threads=threads, precision=precision)
         import tensorflow as tf
 
         from bitray.model import load_model
 
         self.loaded = load_model(model_spec, storage=storage, classifier=task == "classify")
+        if model_id is not None and self.loaded.model_id != model_id:
+            raise BitrayError(
+                f"model {model_spec!r} now loads weights {self.loaded.model_id!r}, but the output's rows "
+                f"were made with {model_id!r}; one output holds one model's rows: embed into another --output"
+            )
         self.head = ClassHead(self.loaded, top_k) if task == "classify" else FeatureHead(self.loaded)
         # Ray retries a call that killed an actor on the same actor, restarted. A first incarnation has
         # seen no crash and leaves the ledger alone (no traffic at all in the usual run); a restarted one

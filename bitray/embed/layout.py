@@ -6,7 +6,8 @@
     OUT/predictions/part-<run>-<uid>.parquet       instead of embeddings for a classifier (``task: classify``)
     OUT/errors/part-<run>-<uid>.parquet            one row per image that could not be embedded
     OUT/_bitray/lock                               the output's lock (``bitray.locks``)
-    OUT/_bitray/state/current.json                 incremental state: finished runs, recorded versions
+    OUT/_bitray/state/current.json                 incremental state: finished runs, recorded versions,
+                                                   the settings they share (``bitray.embed.settings``)
     OUT/_bitray/state/base-<n>/part-<k>.parquet    compacted recorded versions, sorted by path
     OUT/_bitray/runs/<run>/manifest/part-<k>.parquet   the run's inputs, sorted by path, numbered rows
     OUT/_bitray/runs/<run>/retried/part-<k>.parquet    recorded errors a retry run takes again

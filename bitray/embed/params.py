@@ -51,6 +51,10 @@ class RunParams(BaseModel):
 
     run_id: str
     model: str
+    """The spec the actors load; a ``models:/NAME@ALIAS`` is recorded as the version it named at the start."""
+    model_id: str | None = None
+    """The id of the weights the output's rows carry (from its finished runs): actors refuse a model that
+    loads as another. None for an output's first run (and runs begun before it was recorded)."""
     image_size: tuple[int, int]
     batch_size: int
     rows_per_file: int
@@ -95,10 +99,12 @@ class RunParams(BaseModel):
         counts: InputCounts,
         manifest: list[ManifestPart],
         retried: list[ManifestPart] | None = None,
+        model_id: str | None = None,
     ) -> RunParams:
         return cls(
             run_id=run_id,
             model=config.model,
+            model_id=model_id,
             image_size=config.size_hw(),
             batch_size=config.batch_size,
             rows_per_file=config.rows_per_file,

@@ -17,7 +17,8 @@ from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import ManifestWriter, listed_inputs
 from bitray.embed.params import InputCounts, RunParams
 from bitray.embed.retry import open_errors
-from bitray.embed.state import IncrementalState, Status, diff, recorded_versions
+from bitray.embed.settings import settle
+from bitray.embed.state import IncrementalState, Status, diff, recorded_settings, recorded_versions
 from bitray.errors import BitrayError
 from bitray.storage import ObjectInfo
 
@@ -26,7 +27,12 @@ ROW_OVERHEAD_BYTES = 200
 
 
 def start_run(config: EmbedConfig, layout: OutputLayout, run_id: str, state: IncrementalState) -> RunParams:
-    """List and diff the inputs, write the manifest of what is to do, then ``run.json`` (the run is begun)."""
+    """List and diff the inputs, write the manifest of what is to do, then ``run.json`` (the run is begun).
+
+    The run takes the output's settings where ``config`` leaves them out, and is refused when it gives
+    others (``bitray.embed.settings``)."""
+    recorded = recorded_settings(layout, state)
+    config = settle(config, layout, recorded)
     writer = ManifestWriter(layout.manifest_dir(run_id), layout.storage)
     retried = ManifestWriter(layout.retried_dir(run_id), layout.storage)
     counts: Counter[str] = Counter()
@@ -38,7 +44,9 @@ def start_run(config: EmbedConfig, layout: OutputLayout, run_id: str, state: Inc
             retried.add(obj)
     if not counts and not config.retry_errors:  # a retry with no open errors is a run with nothing to do
         raise BitrayError(_nothing_found(config))
-    params = RunParams.for_run(config, run_id, _input_counts(counts), writer.close(), retried.close())
+    model_id = recorded.model_id if recorded is not None else None
+    counted = _input_counts(counts)
+    params = RunParams.for_run(config, run_id, counted, writer.close(), retried.close(), model_id)
     params.save(layout)
     return params
 
@@ -72,6 +80,8 @@ class DryRun:
 
 
 def dry_run(config: EmbedConfig, layout: OutputLayout, state: IncrementalState, runs: list[str]) -> DryRun:
+    if config.incremental or config.retry_errors:  # a plain run into a used output is refused anyway
+        config = settle(config, layout, recorded_settings(layout, state))
     counts: Counter[str] = Counter(status for _, status in _statuses(config, layout, state))
     if not counts and not config.retry_errors:
         raise BitrayError(_nothing_found(config))

@@ -285,6 +285,7 @@ def _stream(
             "task": params.task,
             "top_k": params.top_k,
             "ledger": ledger,
+            "model_id": params.model_id,
         },
         compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
         num_gpus=resources.gpus,

@@ -26,6 +26,7 @@ from bitray import storage
 from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import CHUNK_ROWS, read_parts, version_of
 from bitray.embed.params import RunParams
+from bitray.embed.settings import OutputSettings, common_settings, run_settings
 from bitray.errors import BitrayError
 from bitray.storage import ObjectInfo
 
@@ -50,6 +51,9 @@ class IncrementalState(BaseModel):
     """Finished runs (with inputs) whose manifests are not merged into the base yet."""
     retry_runs: list[str] = []
     """Finished runs that retried recorded errors (``bitray.embed.retry``), oldest first."""
+    settings: OutputSettings | None = None
+    """What every finished run's rows were made with (``bitray.embed.settings``); None while no run had
+    anything to do, and in states written before bitray recorded it (``recorded_settings`` reads the runs)."""
 
     @classmethod
     def load(cls, layout: OutputLayout) -> IncrementalState:
@@ -67,6 +71,15 @@ class IncrementalState(BaseModel):
 
     def save(self, layout: OutputLayout) -> None:
         storage.write_bytes(current_uri(layout), self.model_dump_json(indent=1).encode(), layout.storage)
+
+
+def recorded_settings(layout: OutputLayout, state: IncrementalState) -> OutputSettings | None:
+    """The one settings of the output's finished runs; ``BitrayError`` when their rows were made
+    differently (by a bitray that did not refuse it). One request per run for a state written before the
+    settings were recorded in it, none otherwise."""
+    if state.settings is not None:
+        return state.settings
+    return common_settings(layout.output, ((run, run_settings(layout, run)) for run in state.finished))
 
 
 def current_uri(layout: OutputLayout) -> str:
@@ -134,6 +147,13 @@ def record_run(layout: OutputLayout, state: IncrementalState, params: RunParams)
     if params.run_id in state.finished:
         return state
     state = state.model_copy(deep=True)
+    try:
+        earlier = recorded_settings(layout, state)
+        summary = layout.read_summary(params.run_id) or {}
+        mine = OutputSettings.of_run(params, summary.get("model_id")) if params.rows else None
+        state.settings = common_settings(layout.output, [("earlier runs", earlier), (params.run_id, mine)])
+    except BitrayError:  # mixed by an older bitray: readers find it out from the runs themselves
+        state.settings = None
     state.finished.append(params.run_id)
     if params.rows:
         state.deltas.append(params.run_id)

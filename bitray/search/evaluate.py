@@ -101,6 +101,7 @@ def load_labelled_vectors(
     from bitray.data import list_labelled
 
     label_of = {_normal(path): label for path, label in list_labelled(labels, storage_config)}
+    outputs.settings(embeddings, storage_config)  # refuses rows of two models, image sizes or decodes
     runs = outputs.finished_runs(embeddings, storage_config)
     files = outputs.committed_files(embeddings, "embeddings", storage_config, runs)
     if not files:

@@ -92,6 +92,9 @@ class IndexMeta:
     nlist: int | None = None
     nprobe: int | None = None
     trained_on: int | None = None
+    decode: str | None = None
+    """How the output decoded its images (``fast``/``exact``), so a query image decodes the same way; None
+    in an index built before it was recorded (search then asks the output)."""
     updated: str = ""
     version: int = FORMAT_VERSION
 
@@ -228,7 +231,7 @@ def update_index(
             )
     covered = set(existing.meta.runs) if existing else set()
     new_runs = [run for run in runs if run not in covered]
-    spec, size = _common_model(embeddings, new_runs, existing, storage_config)
+    settings = _common_model(embeddings, existing, storage_config)
     if existing and not new_runs:
         return UpdateReport(index_uri, existing.meta.kind, len(existing), 0, 0, [], False, 0.0)
     new_files = outputs.committed_files(embeddings, "embeddings", storage_config, new_runs)
@@ -236,9 +239,10 @@ def update_index(
     rebuild = existing is None or _needs_rebuild(existing.meta, grown, options)
     builder = _Builder(embeddings, index_uri, storage_config, options)
     if rebuild:
-        built = builder.build(runs, spec, size)
+        built = builder.build(runs, settings)
         added, replaced = len(built), 0
     else:
+        existing.meta.decode = settings.decode
         built, added, replaced = builder.extend(existing, runs, new_runs)
     builder.store(built, existing.meta.generation if existing else None)
     report = UpdateReport(
@@ -262,22 +266,28 @@ def _needs_rebuild(meta: IndexMeta, grown: int, options: IndexOptions) -> bool:
 
 
 def _common_model(
-    embeddings: str, runs: list[str], existing: SearchIndex | None, storage_config: StorageConfig | None
-) -> tuple[str, tuple[int, int]]:
-    """The one (model spec, image size) of ``runs`` and of the index; a clear error if they differ."""
-    seen: dict[tuple[str, tuple[int, int]], list[str]] = {}
+    embeddings: str, existing: SearchIndex | None, storage_config: StorageConfig | None
+) -> outputs.OutputSettings:
+    """The one model, image size and decode of the output's rows, and of the index; a clear error when
+    the output mixes them (``bitray.outputs.settings``) or the index was built with others."""
+    settings = outputs.settings(embeddings, storage_config)
+    if settings is None:
+        raise BitrayError(f"{embeddings!r} holds no embedded image yet; nothing to index")
     if existing is not None:
-        seen[(existing.meta.model_spec, existing.meta.image_size)] = [f"index {existing.uri}"]
-    for run in runs:
-        seen.setdefault(outputs.run_model(embeddings, run, storage_config), []).append(f"run {run}")
-    if len(seen) > 1:
-        found = "; ".join(f"{spec} at {h}x{w} ({', '.join(who[:3])})" for (spec, (h, w)), who in seen.items())
-        raise BitrayError(
-            f"{embeddings!r} mixes models or image sizes: {found}. An index holds one model's vectors: "
-            "embed each model into its own output, or give the new runs their own --index"
-        )
-    ((spec, size),) = seen
-    return spec, size
+        meta = existing.meta
+        mine = (meta.model_spec, meta.image_size, meta.decode or settings.decode)
+        theirs = (settings.model, settings.image_size, settings.decode)
+        if mine != theirs:
+            raise BitrayError(
+                f"index {existing.uri!r} holds vectors of {_describe(*mine)}, but {embeddings!r} now holds "
+                f"rows of {_describe(*theirs)}; an index holds one model's vectors: rebuild it (remove it "
+                "and run bitray index again)"
+            )
+    return settings
+
+
+def _describe(spec: str, size: tuple[int, int], decode: str) -> str:
+    return f"{spec} at {size[0]}x{size[1]} ({decode} decode)"
 
 
 class _Builder:
@@ -292,7 +302,7 @@ class _Builder:
         self.options = options
         self.model_id: str | None = None
 
-    def build(self, runs: list[str], spec: str, size: tuple[int, int]) -> SearchIndex:
+    def build(self, runs: list[str], settings: outputs.OutputSettings) -> SearchIndex:
         files = outputs.committed_files(self.embeddings, "embeddings", self.storage, runs)
         newest = vectors.newest_versions(files, runs, self.storage)
         count = len(newest)
@@ -302,8 +312,9 @@ class _Builder:
         meta = IndexMeta(
             embeddings=self.embeddings,
             model_id="",
-            model_spec=spec,
-            image_size=size,
+            model_spec=settings.model,
+            image_size=settings.image_size,
+            decode=settings.decode,
             dim=dim,
             kind="flat" if count < self.options.exact_below else "ivf",
             runs=list(runs),

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 import pyarrow as pa
 
-from bitray import storage
+from bitray import outputs, storage
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
 from bitray.search.index import SearchIndex, load_index
@@ -74,8 +74,9 @@ def sheet_items(query: str, results: pa.Table) -> list[SheetItem]:
 
 
 def embed_image(uri: str, index: SearchIndex, storage_config: StorageConfig | None = None) -> np.ndarray:
-    """One image as ``[1, dim]`` features of the index's model, decoded and resized as the pipeline does."""
-    from bitray.images import decode_image, resize_for_model
+    """One image as ``[1, dim]`` features of the index's model, decoded and resized as its output's rows
+    were (the decode choice and image size the index records), so an indexed image finds itself at ~1."""
+    from bitray.images import prepare_for_model
 
     loaded, forward = _model(index.meta.model_spec, storage_config)
     if loaded.model_id != index.meta.model_id:
@@ -83,9 +84,23 @@ def embed_image(uri: str, index: SearchIndex, storage_config: StorageConfig | No
             f"model spec {index.meta.model_spec!r} now loads {loaded.model_id!r}, but index {index.uri!r} "
             f"holds vectors of {index.meta.model_id!r}; re-embed and re-index, or query by --path"
         )
-    decoded = decode_image(storage.read_bytes(uri, storage_config))
-    pixels = resize_for_model(decoded.pixels, index.meta.image_size)
-    return np.asarray(forward(pixels[None]), np.float32)
+    exact = query_decode(index, storage_config) == "exact"
+    data = storage.read_bytes(uri, storage_config)
+    pixels, _, _ = prepare_for_model(data, index.meta.image_size, exact=exact)
+    scaled = pixels[None].astype(np.float32) * np.float32(1 / 255)  # as the actors scale their uint8 input
+    return np.asarray(forward(scaled), np.float32)
+
+
+def query_decode(index: SearchIndex, storage_config: StorageConfig | None = None) -> str:
+    """The decode choice of the index's rows: recorded in the index, else (an index built before it was
+    recorded) in its output."""
+    if index.meta.decode is not None:
+        return index.meta.decode
+    settings = outputs.settings(index.meta.embeddings, storage_config)
+    if settings is None:
+        raise BitrayError(f"index {index.uri!r} does not say how its images were decoded; rebuild it with "
+                          "bitray index")  # fmt: skip
+    return settings.decode
 
 
 def _model(spec: str, storage_config: StorageConfig | None):  # noqa: ANN202
