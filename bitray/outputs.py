@@ -11,9 +11,8 @@ from collections.abc import Collection
 
 from bitray.config import EmbedConfig, StorageConfig
 from bitray.embed import retry
-from bitray.embed.layout import DATA_KINDS, OutputLayout
+from bitray.embed.layout import DATA_KINDS, OutputLayout, output_layout
 from bitray.embed.params import RunParams
-from bitray.embed.run import output_layout
 from bitray.embed.state import IncrementalState
 from bitray.errors import BitrayError
 

@@ -216,8 +216,8 @@ def test_work_items_cover_exactly_the_pending_rows():
     import random
 
     from bitray.embed.params import ManifestPart, RunParams
+    from bitray.embed.pipeline import work_items
     from bitray.embed.ranges import RowRanges
-    from bitray.embed.run import work_items
 
     rng = random.Random(0)
     for _ in range(300):

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from bitray import storage
-from bitray.config import StorageConfig
+from bitray.config import EmbedConfig, StorageConfig
 
 _VERSION_FIELDS = [
     ("etag", pa.string()),
@@ -68,7 +68,6 @@ def predictions_schema() -> pa.Schema:
     )
 
 
-RESULT_KIND = {"embed": "embeddings", "classify": "predictions"}
 DATA_KINDS = ("embeddings", "predictions", "errors")
 
 
@@ -82,6 +81,22 @@ def run_of_part(name: str) -> str | None:
         return None
     run, sep, _ = name[len("part-") : -len(".parquet")].rpartition("-")
     return run if sep else None
+
+
+def output_layout(config: EmbedConfig) -> OutputLayout:
+    """The layout of ``config.output``: a local path made absolute (Ray workers may run in another
+    directory), the storage settings pinned (``resolved_storage``)."""
+    output = config.output.rstrip("/")
+    if not storage.is_remote(output):
+        output = str(storage.local_path(output))
+    return OutputLayout(output, resolved_storage(config.storage))
+
+
+def resolved_storage(config: StorageConfig) -> StorageConfig:
+    """Pin the endpoint and region from the driver's environment: Ray workers may not share it."""
+    return config.model_copy(
+        update={"s3_endpoint": config.resolved_s3_endpoint(), "s3_region": config.resolved_s3_region()}
+    )
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bitray import __version__, storage
-from bitray.config import EmbedConfig, StorageConfig
-from bitray.embed.layout import RESULT_KIND, OutputLayout
+from bitray.config import EmbedConfig
+from bitray.embed.layout import OutputLayout
 from bitray.errors import BitrayError
 
 
@@ -73,11 +73,6 @@ class RunParams(BaseModel):
     retried: list[ManifestPart] = []
     """Parts of ``runs/<run>/retried/``: the recorded errors this run takes again (``bitray.embed.retry``)."""
     bitray_version: str = __version__
-
-    @property
-    def result_kind(self) -> str:
-        """Where the run's rows go: ``embeddings`` or ``predictions``."""
-        return RESULT_KIND[self.task]
 
     @property
     def rows(self) -> int:
@@ -155,10 +150,3 @@ class RunParams(BaseModel):
         theirs = {"model": config.model, "image_size": config.size_hw(), "batch_size": config.batch_size,
                   "rows_per_file": config.rows_per_file, "decode": config.decode}  # fmt: skip
         return [f"{key} {mine[key]} (not {theirs[key]})" for key in mine if mine[key] != theirs[key]]
-
-
-def resolved_storage(config: StorageConfig) -> StorageConfig:
-    """Pin the endpoint and region from the driver's environment: Ray workers may not share it."""
-    return config.model_copy(
-        update={"s3_endpoint": config.resolved_s3_endpoint(), "s3_region": config.resolved_s3_region()}
-    )
