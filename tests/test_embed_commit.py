@@ -4,6 +4,7 @@ duplicate receipts, checkpoints, a lost lock; streamed manifests; incremental st
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -24,26 +25,24 @@ from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import listed_inputs, read_part
 from bitray.embed.plan import start_run
 from bitray.embed.state import IncrementalState, record_run
-from bitray.errors import BitrayError
+from bitray.locks import LockLost
 
 RUN = "r1"
 
 
 class Unfenced:
-    """A lock that is always held (the fencing itself is tested in test_locks.py)."""
+    """A lock that is always held (the fencing itself is tested in test_locks.py and, with real leases
+    and two drivers, in test_embed_lease.py)."""
+
+    lost = False
 
     def check(self) -> None:
-        pass
+        if self.lost:
+            raise LockLost("lost the lock")
 
-
-class LosesLease:
-    def __init__(self, allowed: int) -> None:
-        self.allowed = allowed
-
-    def check(self) -> None:
-        self.allowed -= 1
-        if self.allowed < 0:
-            raise BitrayError("lost the lock")
+    def deadline(self) -> float:
+        self.check()
+        return math.inf
 
 
 def staged_receipt(publisher, rows: tuple[int, int], errors: bool = False) -> Receipt:  # noqa: ANN001
@@ -77,7 +76,8 @@ def test_logged_but_unpublished_receipt_is_rolled_forward(tmp_path):
     assert list(committer.committed) == [(0, 4)] and committer.embedded == 4
     assert all(Path(f.final).exists() and not Path(f.staged).exists() for f in receipt.files)
     logs = sorted(os.listdir(layout.log_dir(RUN)))
-    assert logs == ["00000002-full.json"]  # folded into a checkpoint; the segment is gone
+    assert logs == ["00000002.json"]  # folded into a checkpoint; the segment is gone
+    assert "checkpoint" in json.loads((Path(layout.log_dir(RUN)) / logs[0]).read_text())
     again = RunCommitter(layout, RUN, Unfenced())  # rolling forward twice changes nothing
     assert (list(again.committed), again.embedded, again.files) == ([(0, 4)], 4, 2)
 
@@ -129,9 +129,11 @@ def test_checkpoints_bound_what_a_resume_reads(tmp_path, monkeypatch):
 def test_a_run_that_lost_its_lock_commits_nothing_more(tmp_path):
     layout = OutputLayout(str(tmp_path / "out"), StorageConfig())
     publisher = RenamePublisher(layout)
-    committer = RunCommitter(layout, RUN, LosesLease(allowed=1))
+    lock = Unfenced()
+    committer = RunCommitter(layout, RUN, lock)
     assert committer.offer(staged_receipt(publisher, (0, 4)))
-    with pytest.raises(BitrayError, match="lost the lock"):
+    lock.lost = True
+    with pytest.raises(LockLost, match="lost the lock"):
         committer.offer(staged_receipt(publisher, (4, 8)))
     assert len(visible(layout)) == 1 and len(os.listdir(layout.log_dir(RUN))) == 1
 

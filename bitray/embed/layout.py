@@ -169,12 +169,15 @@ class OutputLayout:
         data = storage.read_if_exists(self.summary_file(run_id), self.storage)
         return None if data is None else json.loads(data)
 
-    def write_summary(self, run_id: str, summary: dict[str, Any]) -> None:
-        write_json(self.summary_file(run_id), summary, self.storage)
+    def write_summary(self, run_id: str, summary: dict[str, Any], *, deadline: float | None = None) -> None:
+        write_json(self.summary_file(run_id), summary, self.storage, deadline=deadline)
 
 
-def write_json(uri: str, data: dict[str, Any], storage_config: StorageConfig) -> None:
-    storage.write_bytes(uri, json.dumps(data, indent=1, sort_keys=True).encode(), storage_config)
+def write_json(
+    uri: str, data: dict[str, Any], storage_config: StorageConfig, *, deadline: float | None = None
+) -> None:
+    data_bytes = json.dumps(data, indent=1, sort_keys=True).encode()
+    storage.write_bytes(uri, data_bytes, storage_config, deadline=deadline)
 
 
 def read_json(uri: str, storage_config: StorageConfig) -> dict[str, Any]:

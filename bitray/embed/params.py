@@ -112,10 +112,9 @@ class RunParams(BaseModel):
             retried=retried or [],
         )
 
-    def save(self, layout: OutputLayout) -> None:
-        storage.write_bytes(
-            layout.params_file(self.run_id), self.model_dump_json(indent=1).encode(), layout.storage
-        )
+    def save(self, layout: OutputLayout, *, deadline: float | None = None) -> None:
+        data = self.model_dump_json(indent=1).encode()
+        storage.write_bytes(layout.params_file(self.run_id), data, layout.storage, deadline=deadline)
 
     @classmethod
     def load(cls, layout: OutputLayout, run_id: str) -> RunParams:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from bitray.config import EmbedConfig
+from bitray.embed.fence import Fence
 from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import ManifestWriter, listed_inputs
 from bitray.embed.params import InputCounts, RunParams
@@ -25,8 +26,16 @@ ROW_OVERHEAD_BYTES = 200
 """Parquet bytes per embedding row beside the vector itself (path, etag, model id, ...), roughly."""
 
 
-def start_run(config: EmbedConfig, layout: OutputLayout, run_id: str, state: IncrementalState) -> RunParams:
-    """List and diff the inputs, write the manifest of what is to do, then ``run.json`` (the run is begun)."""
+def start_run(
+    config: EmbedConfig,
+    layout: OutputLayout,
+    run_id: str,
+    state: IncrementalState,
+    fence: Fence | None = None,
+) -> RunParams:
+    """List and diff the inputs, write the manifest of what is to do, then ``run.json`` (the run is begun),
+    inside the lock's ``fence`` when given: a run begun by a driver that lost the lock would be resumed by
+    the next one, inputs that the taker embedded meanwhile with it."""
     writer = ManifestWriter(layout.manifest_dir(run_id), layout.storage)
     retried = ManifestWriter(layout.retried_dir(run_id), layout.storage)
     counts: Counter[str] = Counter()
@@ -39,7 +48,10 @@ def start_run(config: EmbedConfig, layout: OutputLayout, run_id: str, state: Inc
     if not counts and not config.retry_errors:  # a retry with no open errors is a run with nothing to do
         raise BitrayError(_nothing_found(config))
     params = RunParams.for_run(config, run_id, _input_counts(counts), writer.close(), retried.close())
-    params.save(layout)
+    if fence is None:
+        params.save(layout)
+    else:
+        fence.call(lambda deadline: params.save(layout, deadline=deadline))
     return params
 
 

@@ -16,14 +16,15 @@ from typing import Any
 from bitray import storage
 from bitray.config import EmbedConfig
 from bitray.embed import pipeline
-from bitray.embed.commit import Lock, RunCommitter, publisher_for
+from bitray.embed.commit import RunCommitter, publisher_for
+from bitray.embed.fence import Fence, Lock
 from bitray.embed.layout import OutputLayout, output_layout
 from bitray.embed.params import InputCounts, RunParams
 from bitray.embed.plan import DryRun, dry_run, start_run
 from bitray.embed.resources import check_local_paths, joins_existing_cluster
 from bitray.embed.state import IncrementalState, record_run
 from bitray.errors import BitrayError
-from bitray.locks import open_lock
+from bitray.locks import LockLost, open_lock
 from bitray.precision import check_cpu_precision
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
                 f"--run-id {held[-1]}, add only new images with --incremental, or choose another --output"
             )
         if params is None:
-            params = start_run(config, layout, run_id, state)
+            params = start_run(config, layout, run_id, state, fence=Fence(lock))
             counts = params.counts
             print(f"bitray: {describe_counts(counts)}", flush=True)
             return _execute(layout, params, state, lock, address, started, fresh=True)[0]
@@ -130,9 +131,10 @@ def _execute(
     ``fresh``: the run was planned by this invocation, so it has no log and no summary yet.
     """
     run_id = params.run_id
+    fence = Fence(lock)
     finished = None if fresh else layout.read_summary(run_id)
     if finished is not None:
-        state = record_run(layout, state, params)  # in case a crash came between the two
+        state = record_run(layout, state, params, fence)  # in case a crash came between the two
         print("bitray: run already finished; nothing to do", flush=True)
         return RunSummary(**{**finished, "seconds": 0.0, "images_per_s": 0.0, "processed": 0}), state
     processed = 0
@@ -158,9 +160,9 @@ def _execute(
         unchanged=params.counts.unchanged,
         files=counts["files"],
     )
-    lock.check()
-    layout.write_summary(run_id, summary.to_dict())  # first: a run with a summary is recorded on resume
-    state = record_run(layout, state, params)
+    # first: a run with a summary is recorded on resume
+    fence.call(lambda deadline: layout.write_summary(run_id, summary.to_dict(), deadline=deadline))
+    state = record_run(layout, state, params, fence)
     if committer is not None:
         committer.forget()
     return summary, state
@@ -178,10 +180,14 @@ def _embed_pending(
             break
         try:
             processed += pipeline.run_pipeline(layout, params, committer, pending, address)
+        except LockLost:
+            raise  # the run may be another driver's now: touch nothing
         except BitrayError as exc:
-            if committer.files:
+            if committer.logged or committer.files:  # a logged receipt is rolled forward, never discarded
                 raise BitrayError(f"{exc}; fix it, then finish the run with --run-id {run_id}") from None
-            _discard(layout, run_id)  # e.g. a model that cannot load: let a fixed run start anew
+            _discard(
+                layout, run_id, committer.fence
+            )  # e.g. a model that cannot load: a fixed run starts anew
             raise BitrayError(f"{exc}; nothing of run {run_id} was kept") from None
     accounted = committer.embedded + committer.errored
     if accounted != params.rows:
@@ -192,7 +198,12 @@ def _embed_pending(
     return processed
 
 
-def _discard(layout: OutputLayout, run_id: str) -> None:
-    """Remove a run that committed nothing: staged leftovers, then its state (``run.json`` with it)."""
-    publisher_for(layout).cleanup(run_id)
-    storage.delete_tree(layout.run_dir(run_id), layout.storage)
+def _discard(layout: OutputLayout, run_id: str, fence: Fence) -> None:
+    """Remove a run that logged nothing: staged leftovers, then its state (``run.json`` with it).
+
+    Only while this driver holds the lock, each request inside its fence: once the lease is lost, the run
+    may be the taker's (an ``--incremental`` run resumes an interrupted run under the same id).
+    """
+    publisher_for(layout).cleanup(run_id, fence)
+    run_dir = layout.run_dir(run_id)
+    fence.call(lambda deadline: storage.delete_tree(run_dir, layout.storage, deadline=deadline))
