@@ -76,8 +76,8 @@ def test_logged_but_unpublished_receipt_is_rolled_forward(tmp_path):
     assert list(committer.committed) == [(0, 4)] and committer.embedded == 4
     assert all(Path(f.final).exists() and not Path(f.staged).exists() for f in receipt.files)
     logs = sorted(os.listdir(layout.log_dir(RUN)))
-    assert logs == ["00000002.json"]  # folded into a checkpoint; the segment is gone
-    assert "checkpoint" in json.loads((Path(layout.log_dir(RUN)) / logs[0]).read_text())
+    assert logs == ["00000001.json", "00000002.json"]  # the segment, then a checkpoint folding it
+    assert "checkpoint" in json.loads((Path(layout.log_dir(RUN)) / logs[1]).read_text())
     again = RunCommitter(layout, RUN, Unfenced())  # rolling forward twice changes nothing
     assert (list(again.committed), again.embedded, again.files) == ([(0, 4)], 4, 2)
 
@@ -115,13 +115,20 @@ def test_duplicate_receipt_is_aborted_and_its_rows_stay_pending_on_s3(s3_server,
 
 def test_checkpoints_bound_what_a_resume_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(commit_module, "CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(commit_module, "READ_AHEAD", 2)
     layout = OutputLayout(str(tmp_path / "out"), StorageConfig())
     publisher = RenamePublisher(layout)
     committer = RunCommitter(layout, RUN, Unfenced())
     for i in range(7):
         assert committer.offer(staged_receipt(publisher, (10 * i, 10 * i + 10)))
-    assert len(os.listdir(layout.log_dir(RUN))) <= 3  # one checkpoint and the segments after it
+    assert len(os.listdir(layout.log_dir(RUN))) == 9  # 7 segments, 2 checkpoints: nothing is deleted
+    reads = []
+    read_object = CommitLog._read_object
+    monkeypatch.setattr(
+        CommitLog, "_read_object", lambda self, seq: reads.append(seq) or read_object(self, seq)
+    )
     resumed = RunCommitter(layout, RUN, Unfenced())
+    assert sorted(reads) == [8, 9]  # from the newest object down to the newest checkpoint
     assert list(resumed.committed) == [(0, 70)] and (resumed.embedded, resumed.files) == (70, 7)
     assert len(visible(layout)) == 7
 

@@ -21,17 +21,19 @@ it, so a driver whose lease lapsed stops (``LockLost``) before its next request 
 learns from a request that outlived the fence.
 
 Every ``CHECKPOINT_EVERY`` segments, the log is folded into a checkpoint, the next ``log/<seq>.json``
-(created the same way) holding the committed row ranges as a few intervals plus counts, after which older
-segments are deleted. Reading the log costs one LIST and a GET per object in it: at most
-``CHECKPOINT_EVERY + 1`` whatever the size of the run, unless deletes failed. (Logs written before
-checkpoints shared the segments' names hold ``<seq>-full.json`` checkpoints; they are read too.)
+(created the same way) holding the committed row ranges as a few intervals plus counts. Reading the log
+costs one LIST per 1,000 objects and GETs from the newest object down to the newest checkpoint, a few
+at a time: at most ``CHECKPOINT_EVERY + READ_AHEAD``, whatever the size of the run. Nothing in the log
+is deleted before the run is finished (``forget``): about one small object per ``rows_per_file`` rows.
+(Logs written before checkpoints shared the segments' names hold ``<seq>-full.json`` checkpoints; they
+are read too.)
 
 Why the log is one history whoever writes it: each sequence number is created once, and a writer creates
 ``seq`` only after it read or wrote ``seq - 1``, so it knew everything logged before: its receipt was
 decided against all of it and never overlaps an earlier entry. So **every logged receipt is valid and is
 rolled forward, never discarded**. A writer that finds its next number taken (another driver wrote it)
-reads the log again, rolls the newcomers forward and decides its receipt anew. A number can be created
-twice only after a checkpoint deleted it, and readers ignore everything before the newest checkpoint.
+reads the log again, rolls the newcomers forward and decides its receipt anew. No number is deleted while
+the run is unfinished, so none is ever created twice.
 
 Why every failure point is safe:
 - Killed before (3): nothing is logged; staged files are invisible and the rows pending. The rerun stages
@@ -41,13 +43,15 @@ Why every failure point is safe:
   and publishes it (*roll forward*): completing or moving again is idempotent, and the rows are committed,
   never redone. A run that may have logged anything is never discarded.
 - Killed during (4) of an entry with an embeddings and an errors file: the rerun publishes the other.
-- Killed while checkpointing: a checkpoint is one create; until it exists the segments it would replace
-  are read, and after it exists they are ignored even if their deletes did not happen.
+- Killed while checkpointing: a checkpoint is one create; until it exists the segments before it are
+  read, and after it exists they are not.
 - Two drivers: only the holder of the lock commits, inside its fence. A driver whose lease lapsed stops
   with "lost the lock" at its next request and touches nothing more (it does not discard its run: the
-  run it would delete may be the taker's now). A request of its that reached the store after all is
-  either its log create, which the log's exclusive names make part of the one history (the taker meets
-  it at its next append, rolls it forward and redecides), or an idempotent publish of a logged entry.
+  run it would delete may be the taker's now). A request of its that reached the store after all (sent
+  inside the fence, delayed past it) is at worst: its log create, which the exclusive names make part of
+  the one history (the taker meets it at its next append, rolls it forward and redecides); an idempotent
+  publish of a logged entry; or the abort of a staged upload, whose entry then cannot publish and whose
+  rows are redone on roll forward (see below). Nothing visible is ever written twice or deleted.
 - A staged file gone before it was published (an S3 lifecycle rule aborted the upload of a run resumed
   days later): the entry is dropped on roll forward and its rows are redone; nothing became visible.
 Readers list ``embeddings/`` and ``errors/`` and see only published files, each written whole.
@@ -73,6 +77,8 @@ from bitray.errors import BitrayError
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 64
+READ_AHEAD = 8
+"""Log objects a reader GETs at once."""
 
 
 class StagedFile(BaseModel):
@@ -209,36 +215,36 @@ class CommitLog:
         self.directory = layout.log_dir(run_id)
         self.seq = 0
         self.since_checkpoint = 0
-        self.names: list[str] = []
-        """The log's objects: what the next checkpoint replaces."""
 
     def read(self) -> tuple[Checkpoint, list[Receipt]]:
-        """The newest checkpoint and the receipts logged after it (one LIST, a GET per object read)."""
+        """The newest checkpoint and the receipts logged after it: one LIST, then GETs from the newest
+        object down to the newest checkpoint (``READ_AHEAD`` at a time)."""
         names = [n for n in storage.list_names(self.directory, self.layout.storage) if n.endswith(".json")]
         legacy = [int(n.split("-")[0]) for n in names if n.endswith("-full.json")]
         last_full = max(legacy, default=0)
-        checkpoint = Checkpoint()
-        if last_full:
+        seqs = sorted(int(n[:-5]) for n in names if n[:-5].isdigit() and int(n[:-5]) > last_full)
+        self.seq = max([last_full, *seqs])
+        newest_first: list[dict] = []
+        with ThreadPoolExecutor(READ_AHEAD) as pool:
+            for top in range(len(seqs), 0, -READ_AHEAD):
+                newest_first += reversed(
+                    list(pool.map(self._read_object, seqs[max(0, top - READ_AHEAD) : top]))
+                )
+                if any("checkpoint" in body for body in newest_first):
+                    break
+        tail: list[dict] = []
+        checkpoint = None
+        for body in newest_first:
+            if "checkpoint" in body:
+                checkpoint = Checkpoint.model_validate(body["checkpoint"])
+                break
+            tail.append(body)
+        if checkpoint is None and last_full:  # a log written before checkpoints shared the segments' names
             uri = storage.join(self.directory, f"{last_full:08d}-full.json")
             checkpoint = Checkpoint.model_validate(read_json(uri, self.layout.storage))
-        seqs = sorted(int(n[:-5]) for n in names if n[:-5].isdigit() and int(n[:-5]) > last_full)
-        with ThreadPoolExecutor(8) as pool:
-            bodies = list(pool.map(self._read_object, seqs))
-        receipts: list[Receipt] = []
-        self.since_checkpoint = 0
-        for body in bodies:  # in sequence order: the newest checkpoint replaces everything before it
-            if "checkpoint" in body:
-                checkpoint, receipts, self.since_checkpoint = (
-                    Checkpoint.model_validate(body["checkpoint"]),
-                    [],
-                    0,
-                )
-            else:
-                receipts += [Receipt.model_validate(entry) for entry in body["receipts"]]
-                self.since_checkpoint += 1
-        self.seq = max([last_full, *seqs])
-        self.names = names
-        return checkpoint, receipts
+        self.since_checkpoint = len(tail)
+        receipts = [Receipt.model_validate(entry) for body in reversed(tail) for entry in body["receipts"]]
+        return checkpoint or Checkpoint(), receipts
 
     def _read_object(self, seq: int) -> dict:
         return read_json(storage.join(self.directory, f"{seq:08d}.json"), self.layout.storage)
@@ -248,18 +254,11 @@ class CommitLog:
         self._create({"receipts": [json.loads(r.model_dump_json()) for r in receipts]}, deadline)
         self.since_checkpoint += 1
 
-    def checkpoint(self, checkpoint: Checkpoint, fence: Fence) -> None:
-        """Fold everything logged so far into the next object, then delete what it replaces."""
-        fence.call(lambda deadline: self._create({"checkpoint": checkpoint.model_dump()}, deadline))
+    def checkpoint(self, checkpoint: Checkpoint, deadline: float | None = None) -> None:
+        """Fold everything logged so far into the next object, so that a reader stops there. Nothing is
+        deleted: a deleted number could be created again by a writer that never saw the checkpoint."""
+        self._create({"checkpoint": checkpoint.model_dump()}, deadline)
         self.since_checkpoint = 0
-        older, self.names = self.names[:-1], self.names[-1:]
-
-        def delete(name: str) -> None:
-            uri = storage.join(self.directory, name)
-            fence.call(lambda deadline: storage.delete(uri, self.layout.storage, deadline=deadline))
-
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(delete, older))
 
     def _create(self, body: dict, deadline: float | None) -> None:
         seq = self.seq + 1
@@ -270,7 +269,6 @@ class CommitLog:
         ):
             raise LogConflict(f"{storage.join(self.directory, name)} was written by another driver")
         self.seq = seq
-        self.names.append(name)
 
 
 class RunCommitter:
@@ -347,8 +345,9 @@ class RunCommitter:
         )
 
     def _checkpoint(self) -> None:
+        folded = self.checkpoint()
         try:
-            self.log.checkpoint(self.checkpoint(), self.fence)
+            self.fence.call(lambda deadline: self.log.checkpoint(folded, deadline))
         except LogConflict:  # another driver logged first: its entries are rolled forward, folded later
             log.warning("run %s: another driver logged a receipt; reading the log again", self.run_id)
             self._load()
