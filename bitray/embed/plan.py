@@ -34,10 +34,10 @@ def start_run(
     fence: Fence | None = None,
 ) -> RunParams:
     """List and diff the inputs, write the manifest of what is to do, then ``run.json`` (the run is begun),
-    inside the lock's ``fence`` when given: a run begun by a driver that lost the lock would be resumed by
-    the next one, inputs that the taker embedded meanwhile with it."""
-    writer = ManifestWriter(layout.manifest_dir(run_id), layout.storage)
-    retried = ManifestWriter(layout.retried_dir(run_id), layout.storage)
+    each write inside the lock's ``fence`` when given: a run begun by a driver that lost the lock would be
+    resumed by the next one, inputs that the taker embedded meanwhile with it."""
+    writer = ManifestWriter(layout.manifest_dir(run_id), layout.storage, fence)
+    retried = ManifestWriter(layout.retried_dir(run_id), layout.storage, fence)
     counts: Counter[str] = Counter()
     for obj, status in _statuses(config, layout, state):
         counts[status] += 1
