@@ -160,7 +160,7 @@ def _execute(
         unchanged=params.counts.unchanged,
         files=counts["files"],
     )
-    # first: a run with a summary is recorded on resume
+    # the summary first: a run with a summary is recorded on resume
     fence.call(lambda deadline: layout.write_summary(run_id, summary.to_dict(), deadline=deadline))
     state = record_run(layout, state, params, fence)
     if committer is not None:
@@ -185,9 +185,8 @@ def _embed_pending(
         except BitrayError as exc:
             if committer.logged or committer.files:  # a logged receipt is rolled forward, never discarded
                 raise BitrayError(f"{exc}; fix it, then finish the run with --run-id {run_id}") from None
-            _discard(
-                layout, run_id, committer.fence
-            )  # e.g. a model that cannot load: a fixed run starts anew
+            # nothing logged (e.g. a model that cannot load): a fixed run starts anew
+            _discard(layout, run_id, committer.fence)
             raise BitrayError(f"{exc}; nothing of run {run_id} was kept") from None
     accounted = committer.embedded + committer.errored
     if accounted != params.rows:
