@@ -36,7 +36,7 @@ pipeline's decode stage alone in one process (per core against (e)), and (g) the
     python bench/embed_bench.py --mode actor --n 96          # R50x1: the actor's time outside the model
 
 ``--mode actor``: ``EmbedActor`` (R50x1 by default) driven in this process on blocks made by the decode
-stage (``decode_batch``), turned into numpy batches by Ray Data's own block conversion. Reports the
+stage (``decode_items``), turned into numpy batches by Ray Data's own block conversion. Reports the
 share of the actor's call time spent outside its forward pass, and of that conversion. Goal: < 10%.
 """
 
@@ -394,26 +394,45 @@ def cpu_stage(args: argparse.Namespace) -> dict:
 
 
 def decode_one_core(paths: list[Path], args: argparse.Namespace) -> dict:
-    """(f): the pipeline's decode stage (``decode_batch``: read, fast decode, one block per model batch)
+    """(f): the pipeline's decode stage (``decode_items``: read, fast decode, one block per model batch)
     in this process alone, to compare per core with (e)."""
-    from bitray.config import StorageConfig
-    from bitray.embed.decode import decode_batch
     from bitray.embed.manifest import manifest_table
-    from bitray.embed.ranges import RowRanges
-    from bitray.embed.sandbox import DecodeOptions
     from bitray.storage import ObjectInfo
 
     rows = manifest_table([ObjectInfo(str(p), p.stat().st_size, p.stat().st_mtime_ns, None) for p in paths])
-    start = time.perf_counter()
-    for i in range(0, len(paths), args.batch_size):
-        decode_batch(
-            rows.slice(i, args.batch_size),
-            storage_config=StorageConfig(),
-            options=DecodeOptions((args.size, args.size)),
-            committed=RowRanges().as_arrays(),
-        )
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="bitray-bench-") as manifest_dir:
+        start = time.perf_counter()
+        for _ in decode_stage(rows, manifest_dir, args):
+            pass
+        seconds = time.perf_counter() - start
     return {"images": len(paths), "seconds": round(seconds, 3), "images_per_s": len(paths) / seconds}
+
+
+def decode_stage(rows, manifest_dir: str, args: argparse.Namespace):  # noqa: ANN001, ANN201
+    """The blocks the pipeline's decode stage (``decode_items``) makes of the manifest ``rows``: one
+    manifest part, work items of up to 8,192 rows like the pipeline's, one block per model batch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bitray.config import StorageConfig
+    from bitray.embed.decode import decode_items
+    from bitray.embed.manifest import PART_ROWS
+    from bitray.embed.ranges import RowRanges
+    from bitray.embed.sandbox import DecodeOptions
+
+    pq.write_table(rows, Path(manifest_dir) / "part-00000.parquet")
+    starts = list(range(0, rows.num_rows, PART_ROWS))
+    items = pa.table({"part": ["part-00000.parquet"] * len(starts), "start": starts,
+                      "stop": [min(s + PART_ROWS, rows.num_rows) for s in starts]})  # fmt: skip
+    return decode_items(
+        items,
+        manifest_dir=manifest_dir,
+        storage_config=StorageConfig(),
+        options=DecodeOptions((args.size, args.size)),
+        batch_size=args.batch_size,
+        max_bytes=None,
+        committed=RowRanges().as_arrays(),
+    )
 
 
 def actor_share(args: argparse.Namespace) -> dict:
@@ -423,10 +442,7 @@ def actor_share(args: argparse.Namespace) -> dict:
 
     from bitray.config import StorageConfig
     from bitray.embed.actor import EmbedActor
-    from bitray.embed.decode import decode_batch
     from bitray.embed.manifest import manifest_table
-    from bitray.embed.ranges import RowRanges
-    from bitray.embed.sandbox import DecodeOptions
     from bitray.storage import list_objects
 
     images = varied_jpegs(args.n, [(500, 375), (2000, 1500)])
@@ -434,15 +450,7 @@ def actor_share(args: argparse.Namespace) -> dict:
         for i, data in enumerate(images):
             (Path(tmp) / f"{i:05d}.jpg").write_bytes(data)
         rows = manifest_table(list(list_objects(tmp)))
-        blocks = [
-            decode_batch(
-                rows.slice(i, args.batch_size),
-                storage_config=StorageConfig(),
-                options=DecodeOptions((args.size, args.size)),
-                committed=RowRanges().as_arrays(),
-            )
-            for i in range(0, rows.num_rows, args.batch_size)
-        ]
+        blocks = list(decode_stage(rows, tmp, args))
     actor = EmbedActor(model_spec=f"random:{args.arch}", storage=StorageConfig(), threads=args.cpus)
     to_numpy = lambda block: BlockAccessor.for_block(block).to_batch_format("numpy")  # noqa: E731
     actor(to_numpy(blocks[0]))  # trace and warm up

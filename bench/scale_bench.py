@@ -65,7 +65,7 @@ def plan_in_this_process(count: int) -> dict:
     from bitray.config import EmbedConfig
     from bitray.embed import plan as plan_module
     from bitray.embed.layout import OutputLayout
-    from bitray.embed.run import work_items
+    from bitray.embed.pipeline import work_items
     from bitray.embed.state import IncrementalState, record_run
     from bitray.storage import ObjectInfo
 

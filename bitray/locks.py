@@ -24,10 +24,13 @@ only among processes that see the same local file system (not between two machin
   and our pending sequence number its ETag is adopted: the renewal succeeded. Any other body means the
   lease was taken over: the lock is lost for good.
 - Fence: ``check()`` raises ``LockLost`` once the last successful renewal *started* more than ``ttl/2``
-  ago on this process's monotonic clock. A taker starts counting no earlier than that renewal's write
-  landed and waits a full TTL, so the holder stops committing at least ``ttl/2`` before anyone can take
-  over; that margin must cover one commit after its ``check()`` and the two clocks' rate difference (not
-  their offset). A renewal that succeeds later (the network came back, nobody took over) restores it.
+  ago on this process's monotonic clock, and ``deadline()`` is that instant. A taker starts counting no
+  earlier than that renewal's write landed and waits a full TTL, so the holder stops committing at least
+  ``ttl/2`` before anyone can take over. Commit-path requests are given ``deadline()`` as theirs (their
+  timeouts end there, ``bitray.embed.fence``) and ``check()`` is called again after each, so the margin
+  covers only a request's travel to the store after its client gave up and the two clocks' rate
+  difference (not their offset). A renewal that succeeds later (the network came back, nobody took
+  over) restores it.
 - Release: a conditional delete on our last ETag, so a taker's lease is never deleted.
 
 ``gs://`` gets the same guarantees through generation preconditions when google-cloud-storage is
@@ -40,6 +43,7 @@ import contextlib
 import getpass
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -81,6 +85,11 @@ class Lock:
 
     def check(self) -> None:
         """Raise ``LockLost`` unless this run may still commit."""
+        raise NotImplementedError
+
+    def deadline(self) -> float:
+        """The ``time.monotonic()`` instant by which a commit-path request must have ended (the fence);
+        ``math.inf`` when nobody can take the lock from a live holder. Raises ``LockLost`` when past."""
         raise NotImplementedError
 
     def release(self) -> None:
@@ -145,16 +154,20 @@ class FileLock(Lock):
 
     def check(self) -> None:
         if self._fd is None:
-            raise LockLost(f"the lock {self.uri} is not held by run {self.run_id}")
+            raise LockLost(f"run {self.run_id} lost the lock {self.uri}: it does not hold it")
         try:
             same = os.fstat(self._fd).st_ino == os.stat(self.path).st_ino
         except FileNotFoundError:
             same = False
         if not same:
             raise LockLost(
-                f"the lock file {self.path} was deleted or replaced while run {self.run_id} held it; "
-                "another run may be working on the output: stop this one and check the output"
+                f"run {self.run_id} lost the lock: the lock file {self.path} was deleted or replaced while "
+                "it held it; another run may be working on the output: stop this one and check the output"
             )
+
+    def deadline(self) -> float:
+        self.check()
+        return math.inf  # the kernel never takes a flock from a live holder
 
     def release(self) -> None:
         if self._fd is not None:
@@ -236,14 +249,20 @@ class LeaseLock(Lock):
         if self._lost:
             raise LockLost(self._lost)
         if self._tag is None:
-            raise LockLost(f"the lock {self.uri} is not held by run {self.run_id}")
+            raise LockLost(f"run {self.run_id} lost the lock {self.uri}: it does not hold it")
         age = time.monotonic() - self._renewed_at
         if age > self.ttl_s / 2:
             raise LockLost(
-                f"the lock {self.uri} of run {self.run_id} was last renewed {age:.1f} s ago, over half its "
-                f"TTL ({self.ttl_s:.0f} s): another run could take it over soon, so this run stops "
-                "committing. Check the connection to the object store and run again with the same run id"
+                f"run {self.run_id} lost the lock {self.uri}: it was last renewed {age:.1f} s ago, over "
+                f"half its TTL ({self.ttl_s:g} s), so another run may take it over; this run stops and "
+                "touches nothing more. Check the connection to the object store; the output's next run "
+                "(--incremental, or --run-id to resume this one) finishes what is left"
             )
+
+    def deadline(self) -> float:
+        renewed_at = self._renewed_at  # read once: the heartbeat moves it
+        self.check()
+        return renewed_at + self.ttl_s / 2
 
     def release(self) -> None:
         self._stop.set()
@@ -293,7 +312,7 @@ class LeaseLock(Lock):
             holder = _describe(current[0]) if current else "nobody (the lease was deleted)"
             self._lost = (
                 f"run {self.run_id} lost the lock {self.uri}: it is now held by {holder}. This run stops "
-                "committing; check that no two schedulers run the same job, then run again"
+                "and touches nothing more; check that no two schedulers run the same job"
             )
             log.error("%s", self._lost)
             return False

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 from bitray.config import EmbedConfig, StorageConfig
 from bitray.embed import retry
-from bitray.embed.layout import DATA_KINDS, OutputLayout
+from bitray.embed.layout import DATA_KINDS, OutputLayout, output_layout
 from bitray.embed.params import RunParams
-from bitray.embed.run import output_layout
 from bitray.embed.settings import OutputSettings
 from bitray.embed.state import IncrementalState, recorded_settings
 from bitray.errors import BitrayError

@@ -36,6 +36,7 @@ from croniter import croniter
 
 from bitray import storage
 from bitray.config import EmbedConfig, load_config
+from bitray.embed.layout import output_layout
 from bitray.errors import BitrayError
 from bitray.jobs import JobInfo, Jobs, SubmissionIdTaken, config_digest
 from bitray.redaction import redacted
@@ -349,8 +350,6 @@ class Scheduler:
 
     def _counts(self, run_id: str) -> tuple[dict[str, float], str]:
         """The run's counts from the summary it wrote under the output (its run id is the submission id)."""
-        from bitray.embed.run import output_layout
-
         layout = output_layout(self.config)
         try:
             summary = layout.read_summary(run_id)

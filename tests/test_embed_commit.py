@@ -4,6 +4,7 @@ duplicate receipts, checkpoints, a lost lock; streamed manifests; incremental st
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -24,26 +25,24 @@ from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import listed_inputs, read_part
 from bitray.embed.plan import start_run
 from bitray.embed.state import IncrementalState, record_run
-from bitray.errors import BitrayError
+from bitray.locks import LockLost
 
 RUN = "r1"
 
 
 class Unfenced:
-    """A lock that is always held (the fencing itself is tested in test_locks.py)."""
+    """A lock that is always held (the fencing itself is tested in test_locks.py and, with real leases
+    and two drivers, in test_embed_lease.py)."""
+
+    lost = False
 
     def check(self) -> None:
-        pass
+        if self.lost:
+            raise LockLost("lost the lock")
 
-
-class LosesLease:
-    def __init__(self, allowed: int) -> None:
-        self.allowed = allowed
-
-    def check(self) -> None:
-        self.allowed -= 1
-        if self.allowed < 0:
-            raise BitrayError("lost the lock")
+    def deadline(self) -> float:
+        self.check()
+        return math.inf
 
 
 def staged_receipt(publisher, rows: tuple[int, int], errors: bool = False) -> Receipt:  # noqa: ANN001
@@ -77,7 +76,8 @@ def test_logged_but_unpublished_receipt_is_rolled_forward(tmp_path):
     assert list(committer.committed) == [(0, 4)] and committer.embedded == 4
     assert all(Path(f.final).exists() and not Path(f.staged).exists() for f in receipt.files)
     logs = sorted(os.listdir(layout.log_dir(RUN)))
-    assert logs == ["00000002-full.json"]  # folded into a checkpoint; the segment is gone
+    assert logs == ["00000001.json", "00000002.json"]  # the segment, then a checkpoint folding it
+    assert "checkpoint" in json.loads((Path(layout.log_dir(RUN)) / logs[1]).read_text())
     again = RunCommitter(layout, RUN, Unfenced())  # rolling forward twice changes nothing
     assert (list(again.committed), again.embedded, again.files) == ([(0, 4)], 4, 2)
 
@@ -115,13 +115,20 @@ def test_duplicate_receipt_is_aborted_and_its_rows_stay_pending_on_s3(s3_server,
 
 def test_checkpoints_bound_what_a_resume_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(commit_module, "CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(commit_module, "READ_AHEAD", 2)
     layout = OutputLayout(str(tmp_path / "out"), StorageConfig())
     publisher = RenamePublisher(layout)
     committer = RunCommitter(layout, RUN, Unfenced())
     for i in range(7):
         assert committer.offer(staged_receipt(publisher, (10 * i, 10 * i + 10)))
-    assert len(os.listdir(layout.log_dir(RUN))) <= 3  # one checkpoint and the segments after it
+    assert len(os.listdir(layout.log_dir(RUN))) == 9  # 7 segments, 2 checkpoints: nothing is deleted
+    reads = []
+    read_object = CommitLog._read_object
+    monkeypatch.setattr(
+        CommitLog, "_read_object", lambda self, seq: reads.append(seq) or read_object(self, seq)
+    )
     resumed = RunCommitter(layout, RUN, Unfenced())
+    assert sorted(reads) == [8, 9]  # from the newest object down to the newest checkpoint
     assert list(resumed.committed) == [(0, 70)] and (resumed.embedded, resumed.files) == (70, 7)
     assert len(visible(layout)) == 7
 
@@ -129,9 +136,11 @@ def test_checkpoints_bound_what_a_resume_reads(tmp_path, monkeypatch):
 def test_a_run_that_lost_its_lock_commits_nothing_more(tmp_path):
     layout = OutputLayout(str(tmp_path / "out"), StorageConfig())
     publisher = RenamePublisher(layout)
-    committer = RunCommitter(layout, RUN, LosesLease(allowed=1))
+    lock = Unfenced()
+    committer = RunCommitter(layout, RUN, lock)
     assert committer.offer(staged_receipt(publisher, (0, 4)))
-    with pytest.raises(BitrayError, match="lost the lock"):
+    lock.lost = True
+    with pytest.raises(LockLost, match="lost the lock"):
         committer.offer(staged_receipt(publisher, (4, 8)))
     assert len(visible(layout)) == 1 and len(os.listdir(layout.log_dir(RUN))) == 1
 
@@ -216,8 +225,8 @@ def test_work_items_cover_exactly_the_pending_rows():
     import random
 
     from bitray.embed.params import ManifestPart, RunParams
+    from bitray.embed.pipeline import work_items
     from bitray.embed.ranges import RowRanges
-    from bitray.embed.run import work_items
 
     rng = random.Random(0)
     for _ in range(300):

@@ -9,7 +9,7 @@ import pytest
 from bitray.cli import main
 from bitray.config import EmbedConfig, StorageConfig
 from bitray.embed import run_embedding
-from bitray.embed.run import output_layout
+from bitray.embed.layout import output_layout
 from bitray.errors import BitrayError
 from bitray.locks import LockHeld, open_lock
 
@@ -24,7 +24,7 @@ def no_ray_work(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the run started Ray work")
 
-    monkeypatch.setattr("bitray.embed.run._run_pipeline", refuse)
+    monkeypatch.setattr("bitray.embed.pipeline.run_pipeline", refuse)
 
 
 def test_missing_bucket(s3_server, tmp_path, monkeypatch):

@@ -147,7 +147,7 @@ def test_incremental_new_changed_unchanged(ray_local, tmp_path, monkeypatch, cap
     def refuse(*args, **kwargs):
         raise AssertionError("an unchanged bucket must cost a listing and no Ray work")
 
-    monkeypatch.setattr("bitray.embed.run._run_pipeline", refuse)
+    monkeypatch.setattr("bitray.embed.pipeline.run_pipeline", refuse)
     third = run_embedding(tiny_config([str(src)], str(out), incremental=True, run_id="w3"))
     assert (third.inputs, third.embedded, third.unchanged) == (0, 0, 7)
 
@@ -159,7 +159,7 @@ def test_incremental_new_changed_unchanged(ray_local, tmp_path, monkeypatch, cap
 
 
 def test_model_that_cannot_load_stops_with_its_reason(ray_local, tmp_path):
-    from bitray.embed.run import output_layout
+    from bitray.embed.layout import output_layout
 
     src, out = tmp_path / "in", tmp_path / "out"
     write_photos(src, 3)

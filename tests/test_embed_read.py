@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from image_corpus import corpus, encode, png_bomb
 
 from bitray.config import StorageConfig
-from bitray.embed.decode import decode_batch
+from bitray.embed.decode import decode_items
 from bitray.embed.manifest import manifest_table
 from bitray.embed.ranges import RowRanges
 from bitray.embed.sandbox import DecodeOptions
@@ -16,13 +21,26 @@ from bitray.storage import list_objects
 NOTHING_COMMITTED = RowRanges().as_arrays()
 
 
+def decode_manifest(manifest: pa.Table, items: list[tuple[int, int]], batch_size: int = 64, **kwargs):  # noqa: ANN003, ANN201
+    """The blocks ``decode_items`` yields for ``items`` (row ranges of one manifest part on local disk)."""
+    with tempfile.TemporaryDirectory() as manifest_dir:
+        pq.write_table(manifest, Path(manifest_dir) / "part-00000.parquet")
+        table = pa.table({"part": ["part-00000.parquet"] * len(items), "start": [a for a, _ in items],
+                          "stop": [b for _, b in items]})  # fmt: skip
+        kwargs = {"storage_config": StorageConfig(), "committed": NOTHING_COMMITTED, "max_bytes": None,
+                  "options": DecodeOptions((32, 32)), **kwargs}  # fmt: skip
+        return list(decode_items(table, manifest_dir=manifest_dir, batch_size=batch_size, **kwargs))
+
+
 def run_stage(objects, storage=None, committed=NOTHING_COMMITTED, **options):  # noqa: ANN001, ANN201
-    out = decode_batch(
+    blocks = decode_manifest(
         manifest_table(objects),
+        [(0, len(objects))],
         storage_config=storage or StorageConfig(),
         options=DecodeOptions((32, 32), **options),
         committed=committed,
     )
+    out = pa.concat_tables(blocks)
     rows = out.drop_columns(["pixels"]).to_pylist()
     pixels = out.column("pixels").combine_chunks().to_numpy_ndarray()
     images = [(r, p) for r, p in zip(rows, pixels, strict=True) if r["stage"] is None]
@@ -88,3 +106,16 @@ def test_s3_object_changed_or_deleted_after_listing(s3_server, s3_bucket):
     assert reasons["changed.webp"] == ("read", reasons["changed.webp"][1])
     assert "changed after it was listed" in reasons["changed.webp"][1]
     assert reasons["deleted.webp"][0] == "read" and "ObjectMissing" in reasons["deleted.webp"][1]
+
+
+def test_decode_items_yields_one_block_per_model_batch_of_each_item(tmp_path):
+    """Items are row ranges of a manifest part; each is cut into model batches, committed rows dropped."""
+    photo = corpus()["grey.jpg"].data
+    for i in range(10):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(photo)
+    manifest = manifest_table(list(list_objects(str(tmp_path))))
+    committed = RowRanges([(3, 4)]).as_arrays()
+    blocks = decode_manifest(manifest, [(0, 7), (7, 10)], batch_size=3, committed=committed)
+    assert [b.column("row").to_pylist() for b in blocks] == [[0, 1, 2], [4, 5, 6], [7, 8, 9]]
+    assert all(b.column("pixels").type.shape == (32, 32, 3) for b in blocks)
+    assert all(b.column("stage").null_count == b.num_rows for b in blocks)  # every image decoded

@@ -28,8 +28,10 @@ from bitray import storage
 from bitray.config import StorageConfig
 from bitray.embed.isolation import Attempt
 from bitray.embed.manifest import read_part
+from bitray.embed.params import RunParams
 from bitray.embed.ranges import contains
 from bitray.embed.sandbox import DecodeOptions, DecoderCrashed, SandboxDecoder, decode_for_model
+from bitray.images import DEFAULT_MAX_PIXELS
 from bitray.prefetch import prefetched
 from bitray.storage import ObjectInfo
 
@@ -40,6 +42,23 @@ READ_AHEAD = 8
 batches of a work item."""
 
 Decoder = Callable[[bytes], tuple[np.ndarray, int, int]]
+
+
+def decode_options(params: RunParams) -> DecodeOptions:
+    """How the run's decode tasks turn bytes into the model's pixels."""
+    return DecodeOptions(
+        size=params.image_size,
+        max_pixels=params.max_pixels or DEFAULT_MAX_PIXELS,
+        max_decode_bytes=params.max_decode_mb * 2**20,
+        exact=params.decode == "exact",
+    )
+
+
+def decode_memory(params: RunParams) -> int:
+    """Bytes a decode task may hold: a batch of uint8 pixels twice over, plus the decode-memory budget of
+    the one image it decodes at a time (``bitray.images`` refuses images over it from their header)."""
+    height, width = params.image_size
+    return 2 * params.batch_size * height * width * 3 + params.max_decode_mb * 2**20
 
 
 def decode_items(
@@ -79,21 +98,6 @@ def decode_items(
                 batch = rows.slice(offset, batch_size)
                 yield decoded_block(batch, itertools.islice(data, batch.num_rows), decode, options.size)
         attempt.close()
-
-
-def decode_batch(
-    batch: pa.Table,
-    *,
-    storage_config: StorageConfig,
-    options: DecodeOptions,
-    committed: tuple[np.ndarray, np.ndarray],
-    max_bytes: int | None = None,
-) -> pa.Table:
-    """Read and decode one batch of manifest rows (``row, path, etag, size, mtime_ns``) in this process."""
-    batch = pending_rows(batch, committed)
-    read = functools.partial(read_listed, storage_config=storage_config, max_bytes=max_bytes)
-    data = prefetched(read, batch.to_pylist(), READ_AHEAD)
-    return decoded_block(batch, data, functools.partial(decode_for_model, options=options), options.size)
 
 
 def pending_rows(rows: pa.Table, committed: tuple[np.ndarray, np.ndarray]) -> pa.Table:

@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from bitray import storage
-from bitray.config import StorageConfig
+from bitray.config import EmbedConfig, StorageConfig
 
 _VERSION_FIELDS = [
     ("etag", pa.string()),
@@ -69,7 +69,6 @@ def predictions_schema() -> pa.Schema:
     )
 
 
-RESULT_KIND = {"embed": "embeddings", "classify": "predictions"}
 DATA_KINDS = ("embeddings", "predictions", "errors")
 
 
@@ -83,6 +82,22 @@ def run_of_part(name: str) -> str | None:
         return None
     run, sep, _ = name[len("part-") : -len(".parquet")].rpartition("-")
     return run if sep else None
+
+
+def output_layout(config: EmbedConfig) -> OutputLayout:
+    """The layout of ``config.output``: a local path made absolute (Ray workers may run in another
+    directory), the storage settings pinned (``resolved_storage``)."""
+    output = config.output.rstrip("/")
+    if not storage.is_remote(output):
+        output = str(storage.local_path(output))
+    return OutputLayout(output, resolved_storage(config.storage))
+
+
+def resolved_storage(config: StorageConfig) -> StorageConfig:
+    """Pin the endpoint and region from the driver's environment: Ray workers may not share it."""
+    return config.model_copy(
+        update={"s3_endpoint": config.resolved_s3_endpoint(), "s3_region": config.resolved_s3_region()}
+    )
 
 
 @dataclass(frozen=True)
@@ -155,12 +170,15 @@ class OutputLayout:
         data = storage.read_if_exists(self.summary_file(run_id), self.storage)
         return None if data is None else json.loads(data)
 
-    def write_summary(self, run_id: str, summary: dict[str, Any]) -> None:
-        write_json(self.summary_file(run_id), summary, self.storage)
+    def write_summary(self, run_id: str, summary: dict[str, Any], *, deadline: float | None = None) -> None:
+        write_json(self.summary_file(run_id), summary, self.storage, deadline=deadline)
 
 
-def write_json(uri: str, data: dict[str, Any], storage_config: StorageConfig) -> None:
-    storage.write_bytes(uri, json.dumps(data, indent=1, sort_keys=True).encode(), storage_config)
+def write_json(
+    uri: str, data: dict[str, Any], storage_config: StorageConfig, *, deadline: float | None = None
+) -> None:
+    data_bytes = json.dumps(data, indent=1, sort_keys=True).encode()
+    storage.write_bytes(uri, data_bytes, storage_config, deadline=deadline)
 
 
 def read_json(uri: str, storage_config: StorageConfig) -> dict[str, Any]:

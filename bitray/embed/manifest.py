@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from bitray import storage
 from bitray.config import EmbedConfig, StorageConfig
+from bitray.embed.fence import Fence
 from bitray.embed.params import ManifestPart
 from bitray.errors import BitrayError
 from bitray.prefetch import prefetched
@@ -85,11 +86,14 @@ def manifest_table(objects: Sequence[ObjectInfo], first_row: int = 0) -> pa.Tabl
 
 
 class ManifestWriter:
-    """Number objects and write them as sorted Parquet parts under ``directory``; memory: one part."""
+    """Number objects and write them as sorted Parquet parts under ``directory``; memory: one part.
 
-    def __init__(self, directory: str, storage_config: StorageConfig) -> None:
+    ``fence``: each part is written inside the output lock's fence (``bitray.embed.fence``)."""
+
+    def __init__(self, directory: str, storage_config: StorageConfig, fence: Fence | None = None) -> None:
         self.directory = directory
         self.storage = storage_config
+        self.fence = fence
         self.parts: list[ManifestPart] = []
         self.rows = 0
         self._batches: list[pa.RecordBatch] = []
@@ -121,7 +125,11 @@ class ManifestWriter:
         name = f"part-{len(self.parts):05d}.parquet"
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer, row_group_size=CHUNK_ROWS)
-        storage.write_bytes(storage.join(self.directory, name), buffer.getvalue().to_pybytes(), self.storage)
+        uri, data = storage.join(self.directory, name), buffer.getvalue().to_pybytes()
+        if self.fence is None:
+            storage.write_bytes(uri, data, self.storage)
+        else:
+            self.fence.call(lambda deadline: storage.write_bytes(uri, data, self.storage, deadline=deadline))
         self.parts.append(ManifestPart(name=name, first_row=self.rows - table.num_rows, rows=table.num_rows))
 
 

@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bitray import __version__, storage
-from bitray.config import EmbedConfig, StorageConfig
-from bitray.embed.layout import RESULT_KIND, OutputLayout
+from bitray.config import EmbedConfig
+from bitray.embed.layout import OutputLayout
 from bitray.errors import BitrayError
 
 
@@ -83,11 +83,6 @@ class RunParams(BaseModel):
     bitray_version: str = __version__
 
     @property
-    def result_kind(self) -> str:
-        """Where the run's rows go: ``embeddings`` or ``predictions``."""
-        return RESULT_KIND[self.task]
-
-    @property
     def rows(self) -> int:
         return sum(part.rows for part in self.manifest)
 
@@ -128,10 +123,9 @@ class RunParams(BaseModel):
             retried=retried or [],
         )
 
-    def save(self, layout: OutputLayout) -> None:
-        storage.write_bytes(
-            layout.params_file(self.run_id), self.model_dump_json(indent=1).encode(), layout.storage
-        )
+    def save(self, layout: OutputLayout, *, deadline: float | None = None) -> None:
+        data = self.model_dump_json(indent=1).encode()
+        storage.write_bytes(layout.params_file(self.run_id), data, layout.storage, deadline=deadline)
 
     @classmethod
     def load(cls, layout: OutputLayout, run_id: str) -> RunParams:
@@ -171,10 +165,3 @@ class RunParams(BaseModel):
 def _absolute(uri: str) -> str:
     """A local path made absolute, as the listing names its files; object-store URIs as they are."""
     return uri if storage.is_remote(uri) else str(storage.local_path(uri))
-
-
-def resolved_storage(config: StorageConfig) -> StorageConfig:
-    """Pin the endpoint and region from the driver's environment: Ray workers may not share it."""
-    return config.model_copy(
-        update={"s3_endpoint": config.resolved_s3_endpoint(), "s3_region": config.resolved_s3_region()}
-    )

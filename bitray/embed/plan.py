@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from bitray.config import EmbedConfig
+from bitray.embed.fence import Fence
 from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import ManifestWriter, listed_inputs
 from bitray.embed.params import InputCounts, RunParams
@@ -26,15 +27,23 @@ ROW_OVERHEAD_BYTES = 200
 """Parquet bytes per embedding row beside the vector itself (path, etag, model id, ...), roughly."""
 
 
-def start_run(config: EmbedConfig, layout: OutputLayout, run_id: str, state: IncrementalState) -> RunParams:
-    """List and diff the inputs, write the manifest of what is to do, then ``run.json`` (the run is begun).
+def start_run(
+    config: EmbedConfig,
+    layout: OutputLayout,
+    run_id: str,
+    state: IncrementalState,
+    fence: Fence | None = None,
+) -> RunParams:
+    """List and diff the inputs, write the manifest of what is to do, then ``run.json`` (the run is begun),
+    each write inside the lock's ``fence`` when given: a run begun by a driver that lost the lock would be
+    resumed by the next one, inputs that the taker embedded meanwhile with it.
 
     The run takes the output's settings where ``config`` leaves them out, and is refused when it gives
     others (``bitray.embed.settings``)."""
     recorded = recorded_settings(layout, state)
     config = settle(config, layout, recorded)
-    writer = ManifestWriter(layout.manifest_dir(run_id), layout.storage)
-    retried = ManifestWriter(layout.retried_dir(run_id), layout.storage)
+    writer = ManifestWriter(layout.manifest_dir(run_id), layout.storage, fence)
+    retried = ManifestWriter(layout.retried_dir(run_id), layout.storage, fence)
     counts: Counter[str] = Counter()
     for obj, status in _statuses(config, layout, state):
         counts[status] += 1
@@ -47,7 +56,10 @@ def start_run(config: EmbedConfig, layout: OutputLayout, run_id: str, state: Inc
     model_id = recorded.model_id if recorded is not None else None
     counted = _input_counts(counts)
     params = RunParams.for_run(config, run_id, counted, writer.close(), retried.close(), model_id)
-    params.save(layout)
+    if fence is None:
+        params.save(layout)
+    else:
+        fence.call(lambda deadline: params.save(layout, deadline=deadline))
     return params
 
 

@@ -1,42 +1,30 @@
-"""The run driver: lock the output, plan or resume the run, stream it through Ray, commit, record.
+"""The run's life: lock the output, plan or resume the run, pass over what is pending, record it.
 
-The pipeline (``Dataset`` operators, each a module of this package)::
-
-    manifest parts (read_parquet) -> decode_batch (CPU tasks) -> EmbedActor (autoscaling actor pool)
-        -> write_files (CPU tasks, one staged file per ``rows_per_file`` rows) -> receipts -> driver commits
-
-Nothing but receipts (a few hundred bytes per output file) comes back to the driver, and the driver keeps
-the committed rows as a handful of ranges, so its memory does not depend on the number of images.
+Each pass is a Ray pipeline (``bitray.embed.pipeline``) whose receipts the driver commits
+(``bitray.embed.commit``). The driver keeps the committed rows as a handful of ranges, so its memory does
+not depend on the number of images.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bitray import ray_session, storage
+from bitray import storage
 from bitray.config import EmbedConfig
-from bitray.embed.actor import EmbedActor
-from bitray.embed.cluster import describe_cluster
-from bitray.embed.commit import Lock, Receipt, RunCommitter, publisher_for
-from bitray.embed.decode import decode_items
-from bitray.embed.isolation import start_ledger
-from bitray.embed.layout import OutputLayout
-from bitray.embed.manifest import PART_ROWS
-from bitray.embed.params import InputCounts, RunParams, resolved_storage
+from bitray.embed import pipeline
+from bitray.embed.commit import RunCommitter, publisher_for
+from bitray.embed.fence import Fence, Lock
+from bitray.embed.layout import OutputLayout, output_layout
+from bitray.embed.params import InputCounts, RunParams
 from bitray.embed.plan import DryRun, dry_run, start_run
-from bitray.embed.ranges import Range
-from bitray.embed.resources import ActorResources, actor_resources, check_local_paths, joins_existing_cluster
-from bitray.embed.sandbox import DecodeOptions
+from bitray.embed.resources import check_local_paths, joins_existing_cluster
 from bitray.embed.state import IncrementalState, record_run
-from bitray.embed.write import write_files
 from bitray.errors import BitrayError
-from bitray.images import DEFAULT_MAX_PIXELS
-from bitray.locks import open_lock
+from bitray.locks import LockLost, open_lock
 from bitray.precision import check_cpu_precision
 
 log = logging.getLogger(__name__)
@@ -44,8 +32,6 @@ log = logging.getLogger(__name__)
 MAX_PASSES = 3
 """Passes over what is pending within one invocation: a pass leaves rows pending only when Ray re-ran a
 task and its duplicate output was discarded."""
-MAX_INPUT_BLOCKS = 4000
-"""Work items are spread over at most this many input blocks (a block per item for smaller runs)."""
 
 
 @dataclass(frozen=True)
@@ -75,13 +61,6 @@ class RunSummary:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-
-
-def output_layout(config: EmbedConfig) -> OutputLayout:
-    output = config.output.rstrip("/")
-    if not storage.is_remote(output):
-        output = str(storage.local_path(output))  # Ray workers may run in another directory
-    return OutputLayout(output, resolved_storage(config.storage))
 
 
 def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSummary:
@@ -115,7 +94,7 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
                 f"--run-id {held[-1]}, add only new images with --incremental, or choose another --output"
             )
         if params is None:
-            params = start_run(config, layout, run_id, state)
+            params = start_run(config, layout, run_id, state, fence=Fence(lock))
             counts = params.counts
             print(f"bitray: {describe_counts(counts)}", flush=True)
             return _execute(layout, params, state, lock, address, started, fresh=True)[0]
@@ -152,9 +131,10 @@ def _execute(
     ``fresh``: the run was planned by this invocation, so it has no log and no summary yet.
     """
     run_id = params.run_id
+    fence = Fence(lock)
     finished = None if fresh else layout.read_summary(run_id)
     if finished is not None:
-        state = record_run(layout, state, params)  # in case a crash came between the two
+        state = record_run(layout, state, params, fence)  # in case a crash came between the two
         print("bitray: run already finished; nothing to do", flush=True)
         return RunSummary(**{**finished, "seconds": 0.0, "images_per_s": 0.0, "processed": 0}), state
     processed = 0
@@ -180,9 +160,9 @@ def _execute(
         unchanged=params.counts.unchanged,
         files=counts["files"],
     )
-    lock.check()
-    layout.write_summary(run_id, summary.to_dict())  # first: a run with a summary is recorded on resume
-    state = record_run(layout, state, params)
+    # the summary first: a run with a summary is recorded on resume
+    fence.call(lambda deadline: layout.write_summary(run_id, summary.to_dict(), deadline=deadline))
+    state = record_run(layout, state, params, fence)
     if committer is not None:
         committer.forget()
     return summary, state
@@ -199,11 +179,14 @@ def _embed_pending(
         if not pending:
             break
         try:
-            processed += _run_pipeline(layout, params, committer, pending, address)
+            processed += pipeline.run_pipeline(layout, params, committer, pending, address)
+        except LockLost:
+            raise  # the run may be another driver's now: touch nothing
         except BitrayError as exc:
-            if committer.files:
+            if committer.logged or committer.files:  # a logged receipt is rolled forward, never discarded
                 raise BitrayError(f"{exc}; fix it, then finish the run with --run-id {run_id}") from None
-            _discard(layout, run_id)  # e.g. a model that cannot load: let a fixed run start anew
+            # nothing logged (e.g. a model that cannot load): a fixed run starts anew
+            _discard(layout, run_id, committer.fence)
             raise BitrayError(f"{exc}; nothing of run {run_id} was kept") from None
     accounted = committer.embedded + committer.errored
     if accounted != params.rows:
@@ -214,178 +197,12 @@ def _embed_pending(
     return processed
 
 
-def _discard(layout: OutputLayout, run_id: str) -> None:
-    """Remove a run that committed nothing: staged leftovers, then its state (``run.json`` with it)."""
-    publisher_for(layout).cleanup(run_id)
-    storage.delete_tree(layout.run_dir(run_id), layout.storage)
+def _discard(layout: OutputLayout, run_id: str, fence: Fence) -> None:
+    """Remove a run that logged nothing: staged leftovers, then its state (``run.json`` with it).
 
-
-def _run_pipeline(
-    layout: OutputLayout,
-    params: RunParams,
-    committer: RunCommitter,
-    pending: list[Range],
-    address: str | None,
-) -> int:
-    import ray
-
-    ray_session.connect(address)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_operator_progress_bars = True  # Ray Jobs hides them otherwise
-    # A block per model batch: Ray would otherwise gather a task's small outputs into 128 MB blocks, and
-    # the actors (and commits) would wait for whole decode tasks instead of streaming.
-    batch_bytes = params.batch_size * params.image_size[0] * params.image_size[1] * 3
-    saved_block_size, ctx.target_max_block_size = ctx.target_max_block_size, batch_bytes
-    try:
-        resources = actor_resources(params, describe_cluster())
-        return _stream(layout, params, committer, pending, resources)
-    finally:
-        ctx.target_max_block_size = saved_block_size
-
-
-def _stream(
-    layout: OutputLayout,
-    params: RunParams,
-    committer: RunCommitter,
-    pending: list[Range],
-    resources: ActorResources,
-) -> int:
-    import ray
-
-    items = work_items(params, pending, _rows_per_item(params, pending, resources))
-    ledger = start_ledger()  # lives as long as this pass: a resumed run starts with a clean slate
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
-    ds = ds.map_batches(
-        decode_items,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "manifest_dir": layout.manifest_dir(params.run_id),
-            "storage_config": layout.storage,
-            "options": decode_options(params),
-            "batch_size": params.batch_size,
-            "max_bytes": params.max_bytes,
-            "committed": committer.committed.as_arrays(),
-            "ledger": ledger,
-        },
-        # Reserving the memory a decoded batch needs also keeps this a separate operator: Ray would
-        # otherwise fuse it into its neighbours, and decoding would stall the model instead of overlapping it.
-        num_cpus=1,
-        memory=_decode_memory(params.batch_size, params.image_size, params.max_decode_mb),
-    )
-    ds = ds.map_batches(
-        EmbedActor,
-        batch_size=params.batch_size,
-        batch_format="numpy",
-        fn_constructor_kwargs={
-            "model_spec": params.model,
-            "storage": layout.storage,
-            "threads": resources.threads,
-            "precision": resources.precision,
-            "task": params.task,
-            "top_k": params.top_k,
-            "ledger": ledger,
-            "model_id": params.model_id,
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=resources.actors_min, max_size=resources.actors_max),
-        num_gpus=resources.gpus,
-        num_cpus=resources.cpus,
-    )
-    ds = ds.map_batches(
-        write_files,
-        batch_size=params.rows_per_file,
-        batch_format="pyarrow",
-        fn_kwargs={"layout": layout, "run_id": params.run_id},
-        num_cpus=0.25,
-        memory=_write_memory(params.rows_per_file),
-    )
-    processed = 0
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for text in batch.column("receipt").to_pylist():
-                receipt = Receipt.model_validate_json(text)
-                if committer.offer(receipt):
-                    processed += receipt.embedded + receipt.errored
-    except BitrayError:
-        raise
-    except Exception as exc:
-        cause = _bitray_cause(exc)
-        if cause is not None:
-            raise BitrayError(f"the embedding pipeline stopped: {cause}") from None
-        raise
-    return processed
-
-
-def decode_options(params: RunParams) -> DecodeOptions:
-    """How the run's decode tasks turn bytes into the model's pixels."""
-    return DecodeOptions(
-        size=params.image_size,
-        max_pixels=params.max_pixels or DEFAULT_MAX_PIXELS,
-        max_decode_bytes=params.max_decode_mb * 2**20,
-        exact=params.decode == "exact",
-    )
-
-
-def work_items(params: RunParams, pending: list[Range], rows_per_item: int) -> list[dict[str, Any]]:
-    """The pending rows as ``{part, start, stop}`` pieces of at most ``rows_per_item`` rows in one part.
-
-    One walk over the sorted ranges and the sorted parts: linear in their number, however fragmented.
+    Only while this driver holds the lock, each request inside its fence: once the lease is lost, the run
+    may be the taker's (an ``--incremental`` run resumes an interrupted run under the same id).
     """
-    items = []
-    parts = params.manifest
-    first_part = 0
-    for start, stop in pending:
-        while first_part < len(parts) and parts[first_part].first_row + parts[first_part].rows <= start:
-            first_part += 1
-        index = first_part
-        while index < len(parts) and parts[index].first_row < stop:
-            part = parts[index]
-            low, high = max(start, part.first_row), min(stop, part.first_row + part.rows)
-            for first in range(low, high, rows_per_item):
-                last = min(first + rows_per_item, high)
-                offset = part.first_row
-                items.append({"part": part.name, "start": first - offset, "stop": last - offset})
-            index += 1
-    return items
-
-
-def _rows_per_item(params: RunParams, pending: list[Range], resources: ActorResources) -> int:
-    """Two items per CPU left for decoding, each at most a manifest part: a decode task reads the part
-    it works on with one GET, so large runs cost one request per 8,192 images for it."""
-    pending_rows = sum(stop - start for start, stop in pending)
-    decoding = max(1, int(resources.cluster_cpus - resources.actors_max * resources.cpus))
-    wanted = -(-pending_rows // (2 * decoding))
-    batches = -(-wanted // params.batch_size)
-    return max(4 * params.batch_size, min(PART_ROWS, batches * params.batch_size))
-
-
-def _decode_memory(batch_size: int, size: tuple[int, int], max_decode_mb: int) -> int:
-    """Bytes a decode task may hold: a batch of uint8 pixels twice over, plus the decode-memory budget of
-    the one image it decodes at a time (``bitray.images`` refuses images over it from their header)."""
-    return 2 * batch_size * size[0] * size[1] * 3 + max_decode_mb * 2**20
-
-
-def _write_memory(rows_per_file: int) -> int:
-    """A writer holds its rows and their Parquet bytes (2 x 8 KB per 2048-d row), plus the worker itself."""
-    return 2 * rows_per_file * 8 * 2**10 + 192 * 2**20
-
-
-def _bitray_cause(exc: BaseException) -> str | None:
-    """The message of a ``BitrayError`` behind a Ray error (e.g. a model spec the actors cannot load).
-
-    Ray keeps the original exception object for task errors, but an actor that fails in ``__init__``
-    reaches the driver as ``ActorDiedError`` carrying only the formatted traceback, so read that too.
-    """
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        original = getattr(current, "cause", None)  # a RayTaskError's own exception, without the traceback
-        if isinstance(current, BitrayError) and not isinstance(original, BitrayError):
-            return str(current)
-        stack += [current.__cause__, current.__context__, original]
-    found = re.findall(r"^bitray\.[\w.]*Error: (.+)$", str(exc), flags=re.MULTILINE)
-    return found[-1] if found else None
+    publisher_for(layout).cleanup(run_id, fence)
+    run_dir = layout.run_dir(run_id)
+    fence.call(lambda deadline: storage.delete_tree(run_dir, layout.storage, deadline=deadline))

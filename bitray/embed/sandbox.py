@@ -167,7 +167,7 @@ def main() -> None:
             reply: tuple[str, object] = ("ok", decode_for_model(data, options))
         except ImageDecodeError as exc:
             reply = ("error", str(exc))
-        except Exception as exc:  # the in-process path reports these too (``decode_batch``)
+        except Exception as exc:  # the in-process path reports these too (``decoded_block``)
             reply = ("error", f"{type(exc).__name__}: {exc}")
         pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
         stdout.flush()

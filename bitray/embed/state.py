@@ -15,7 +15,7 @@ unreferenced files, which the next compaction removes.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import pyarrow as pa
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bitray import storage
+from bitray.embed.fence import Fence
 from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import CHUNK_ROWS, read_parts, version_of
 from bitray.embed.params import RunParams
@@ -69,8 +70,22 @@ class IncrementalState(BaseModel):
                 "Restore it, or start a new --output"
             ) from None
 
-    def save(self, layout: OutputLayout) -> None:
-        storage.write_bytes(current_uri(layout), self.model_dump_json(indent=1).encode(), layout.storage)
+    def save(self, layout: OutputLayout, fence: Fence | None = None) -> None:
+        """One PUT of ``current.json``; inside the lock's ``fence`` when given."""
+        data = self.model_dump_json(indent=1).encode()
+        _fenced(
+            fence,
+            lambda deadline: storage.write_bytes(
+                current_uri(layout), data, layout.storage, deadline=deadline
+            ),
+        )
+
+
+def _fenced(fence: Fence | None, request: Callable[[float | None], None]) -> None:
+    if fence is None:
+        request(None)
+    else:
+        fence.call(request)
 
 
 def recorded_settings(layout: OutputLayout, state: IncrementalState) -> OutputSettings | None:
@@ -142,8 +157,11 @@ def _recorded_before_generations(obj: ObjectInfo) -> str | None:
     return ObjectInfo(obj.uri, obj.size, obj.mtime_ns).version
 
 
-def record_run(layout: OutputLayout, state: IncrementalState, params: RunParams) -> IncrementalState:
-    """Add a finished run to the state (idempotent), compacting the deltas into a new base when due."""
+def record_run(
+    layout: OutputLayout, state: IncrementalState, params: RunParams, fence: Fence | None = None
+) -> IncrementalState:
+    """Add a finished run to the state (idempotent), compacting the deltas into a new base when due; each
+    write inside the lock's ``fence`` when given."""
     if params.run_id in state.finished:
         return state
     state = state.model_copy(deep=True)
@@ -160,17 +178,18 @@ def record_run(layout: OutputLayout, state: IncrementalState, params: RunParams)
     if params.retried:
         state.retry_runs.append(params.run_id)
     if len(state.deltas) > MAX_DELTAS:
-        state = _compact(layout, state)
-    state.save(layout)
+        state = _compact(layout, state, fence)
+    state.save(layout, fence)
     return state
 
 
-def _compact(layout: OutputLayout, state: IncrementalState) -> IncrementalState:
+def _compact(layout: OutputLayout, state: IncrementalState, fence: Fence | None) -> IncrementalState:
     """Merge the base and the deltas into base ``generation + 1`` (streaming) and point the state at it."""
     old = state.generation
     generation = old + 1
     directory = base_dir(layout, generation)
-    storage.delete_tree(directory, layout.storage)  # left by a compaction that crashed before its pointer
+    # left by a compaction that crashed before its pointer
+    _fenced(fence, lambda deadline: storage.delete_tree(directory, layout.storage, deadline=deadline))
     names: list[str] = []
     rows: list[tuple[str, str]] = []
     previous = None
@@ -180,21 +199,25 @@ def _compact(layout: OutputLayout, state: IncrementalState) -> IncrementalState:
         previous = pair
         rows.append(pair)
         if len(rows) == BASE_PART_ROWS:
-            names.append(_write_versions(directory, len(names), rows, layout))
+            names.append(_write_versions(directory, len(names), rows, layout, fence))
             rows = []
     if rows or not names:
-        names.append(_write_versions(directory, len(names), rows, layout))
+        names.append(_write_versions(directory, len(names), rows, layout, fence))
     compacted = state.model_copy(update={"generation": generation, "base": names, "deltas": []})
-    compacted.save(layout)
+    compacted.save(layout, fence)
     if old:
-        storage.delete_tree(base_dir(layout, old), layout.storage)
+        old_dir = base_dir(layout, old)
+        _fenced(fence, lambda deadline: storage.delete_tree(old_dir, layout.storage, deadline=deadline))
     return compacted
 
 
-def _write_versions(directory: str, index: int, rows: list[tuple[str, str]], layout: OutputLayout) -> str:
+def _write_versions(
+    directory: str, index: int, rows: list[tuple[str, str]], layout: OutputLayout, fence: Fence | None
+) -> str:
     table = pa.table({"path": [r[0] for r in rows], "version": [r[1] for r in rows]}, schema=VERSIONS_SCHEMA)
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer, row_group_size=CHUNK_ROWS)
     name = f"part-{index:05d}.parquet"
-    storage.write_bytes(storage.join(directory, name), buffer.getvalue().to_pybytes(), layout.storage)
+    uri, data = storage.join(directory, name), buffer.getvalue().to_pybytes()
+    _fenced(fence, lambda deadline: storage.write_bytes(uri, data, layout.storage, deadline=deadline))
     return name

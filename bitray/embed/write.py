@@ -22,7 +22,13 @@ ROW_GROUP_ROWS = 2048
 """About 16 MB per row group at 2048-d: readers can stream a file in bounded memory."""
 
 
+def write_memory(rows_per_file: int) -> int:
+    """A writer holds its rows and their Parquet bytes (2 x 8 KB per 2048-d row), plus the worker itself."""
+    return 2 * rows_per_file * 8 * 2**10 + 192 * 2**20
+
+
 def write_files(batch: pa.Table, *, layout: OutputLayout, run_id: str) -> pa.Table:
+    """Stage the batch's result rows and error rows as Parquet files; one row holding the receipt (JSON)."""
     failed = batch.column("stage").is_valid()
     results = batch.filter(pc.invert(failed))
     if "embedding" in batch.column_names:

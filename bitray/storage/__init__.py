@@ -1,9 +1,9 @@
 """One view of object storage: URIs (``s3://``, ``gs://``, local paths) -> listings, objects, filesystems.
 
 One module per job, each importing only those before it: ``uri`` <- ``errors`` <- ``clients`` <-
-``listing``, ``conditional`` <- ``reads``, ``objects`` <- ``multipart``. Callers use the names re-exported
-here (``from bitray import storage; storage.read_object(...)``). Every object-store protocol detail lives
-in this package, so no other module reads botocore's error codes.
+``deadline``, ``listing``, ``conditional`` <- ``reads``, ``objects`` <- ``multipart``. Callers use the names
+re-exported here (``from bitray import storage; storage.read_object(...)``). Every object-store protocol
+detail lives in this package, so no other module reads botocore's error codes.
 """
 
 from bitray.errors import BitrayError
@@ -26,6 +26,7 @@ from bitray.storage.conditional import (
     put_if_match,
     put_if_none_match,
 )
+from bitray.storage.deadline import DeadlinePassed
 from bitray.storage.errors import (
     CONFLICT_CODES,
     CREDENTIAL_CODES,
@@ -56,6 +57,7 @@ from bitray.storage.multipart import (
 )
 from bitray.storage.objects import (
     copy_to_local,
+    create_bytes,
     default_cache_dir,
     delete,
     delete_tree,
@@ -81,6 +83,7 @@ __all__ = [
     "TRANSIENT_CODES",
     "BitrayError",
     "ConditionalObject",
+    "DeadlinePassed",
     "GcsConditionalObject",
     "ObjectChanged",
     "ObjectInfo",
@@ -95,6 +98,7 @@ __all__ = [
     "complete_upload",
     "conditional_object",
     "copy_to_local",
+    "create_bytes",
     "default_cache_dir",
     "delete",
     "delete_if_match",

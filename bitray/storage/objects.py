@@ -17,7 +17,8 @@ import pyarrow.fs as pafs
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
 from bitray.storage.clients import filesystem_for, shared_s3_client
-from bitray.storage.conditional import get_with_etag
+from bitray.storage.conditional import GcsConditionalObject, get_with_etag, put_if_none_match
+from bitray.storage.deadline import s3_request, seconds_left
 from bitray.storage.errors import error_code, s3_errors
 from bitray.storage.uri import is_remote, local_path, scheme_of, split_bucket
 
@@ -58,28 +59,24 @@ def read_if_exists(uri: str, storage: StorageConfig | None = None) -> bytes | No
         raise BitrayError(f"cannot read {uri!r}: {exc}") from None
 
 
-def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+def write_bytes(
+    uri: str, data: bytes, storage: StorageConfig | None = None, *, deadline: float | None = None
+) -> None:
     """Write a whole object. Local files are written to a temporary name and renamed, so readers never
     see a partial file; object stores make a single PUT visible atomically by themselves. S3 keys go
-    through boto3, so any key is written as given."""
+    through boto3, so any key is written as given. ``deadline``: S3 requests end by it
+    (``bitray.storage.deadline``)."""
     if scheme_of(uri) == "s3":
         storage = storage or StorageConfig()
         bucket, key = split_bucket(uri)
         with s3_errors(uri, storage):
-            shared_s3_client(storage).put_object(Bucket=bucket, Key=key, Body=data)
+            put = lambda client: client.put_object(Bucket=bucket, Key=key, Body=data)  # noqa: E731
+            s3_request(storage, deadline, put, f"PUT {uri}")
         return
     fs, path = filesystem_for(uri, storage)
     if isinstance(fs, pafs.LocalFileSystem):
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _local_temporary(Path(path), data) as tmp:
+            os.replace(tmp, path)
         return
     try:
         with fs.open_output_stream(path) as out:
@@ -88,7 +85,69 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
         raise BitrayError(f"cannot write {uri!r}: {exc}") from None
 
 
-def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+def create_bytes(
+    uri: str, data: bytes, storage: StorageConfig | None = None, *, deadline: float | None = None
+) -> bool:
+    """Create a whole object only if nothing exists under its name; False when something else does.
+
+    S3: ``If-None-Match: *``; GCS: ``if_generation_match=0``; local: a hard link of a complete temporary
+    file, which fails if the name exists. Each is atomic where the object lives, so of two writers of one
+    name exactly one creates it. A retried request whose first try did land finds its own bytes: True.
+    """
+    scheme = scheme_of(uri)
+    if scheme == "s3":
+        storage = storage or StorageConfig()
+        with s3_errors(uri, storage):
+            created = s3_request(
+                storage, deadline, lambda client: put_if_none_match(uri, data, client=client), f"PUT {uri}"
+            )
+            if created is not None:
+                return True
+            found = s3_request(
+                storage, deadline, lambda client: get_with_etag(uri, client=client), f"GET {uri}"
+            )
+        return found is not None and found[0] == data
+    if scheme == "gs":
+        from bitray.storage.clients import gcs_client
+
+        bucket, _ = split_bucket(uri)
+        target = GcsConditionalObject(uri, gcs_client(storage).bucket(bucket), seconds_left(deadline) or 60.0)
+        if target.create(data) is not None:
+            return True
+        found = target.read()
+        return found is not None and found[0] == data
+    path = local_path(uri)
+    with _local_temporary(path, data) as tmp:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_bytes() == data
+    return True
+
+
+class _local_temporary:  # noqa: N801 - a context manager that reads like a function
+    """A complete temporary file beside ``target`` holding ``data``; removed on exit."""
+
+    def __init__(self, target: Path, data: bytes) -> None:
+        self.target = target
+        self.data = data
+
+    def __enter__(self) -> str:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(self.data)
+        except BaseException:
+            Path(self.tmp).unlink(missing_ok=True)
+            raise
+        return self.tmp
+
+    def __exit__(self, *exc: object) -> None:
+        Path(self.tmp).unlink(missing_ok=True)
+
+
+def exists(uri: str, storage: StorageConfig | None = None, *, deadline: float | None = None) -> bool:
     if scheme_of(uri) == "s3":
         from botocore.exceptions import ClientError
 
@@ -96,10 +155,10 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
         bucket, key = split_bucket(uri)
         with s3_errors(uri, storage):
             try:
-                shared_s3_client(storage).head_object(Bucket=bucket, Key=key)
+                s3_request(storage, deadline, lambda c: c.head_object(Bucket=bucket, Key=key), f"HEAD {uri}")
             except ClientError as exc:
                 if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                    return _s3_prefix_exists(uri, storage)
+                    return _s3_prefix_exists(uri, storage, deadline)
                 raise
         return True
     fs, path = filesystem_for(uri, storage)
@@ -109,11 +168,16 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
         raise BitrayError(f"cannot reach {uri!r}: {exc}") from None
 
 
-def _s3_prefix_exists(uri: str, storage: StorageConfig) -> bool:
+def _s3_prefix_exists(uri: str, storage: StorageConfig, deadline: float | None = None) -> bool:
     """Whether ``uri`` is a "directory": some key starts with ``uri/`` (pyarrow's view, kept)."""
     bucket, key = split_bucket(uri)
     prefix = key.rstrip("/") + "/" if key else ""
-    page = shared_s3_client(storage).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    page = s3_request(
+        storage,
+        deadline,
+        lambda client: client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1),
+        f"LIST {uri}",
+    )
     return bool(page.get("KeyCount") or page.get("Contents"))
 
 
@@ -161,13 +225,13 @@ def copy_to_local(uri: str, storage: StorageConfig | None = None, cache_dir: Pat
     return target
 
 
-def delete(uri: str, storage: StorageConfig | None = None) -> None:
+def delete(uri: str, storage: StorageConfig | None = None, *, deadline: float | None = None) -> None:
     """Remove one file or object; a missing one is not an error."""
     if scheme_of(uri) == "s3":
         storage = storage or StorageConfig()
         bucket, key = split_bucket(uri)
         with s3_errors(uri, storage):
-            shared_s3_client(storage).delete_object(Bucket=bucket, Key=key)
+            s3_request(storage, deadline, lambda c: c.delete_object(Bucket=bucket, Key=key), f"DELETE {uri}")
         return
     fs, path = filesystem_for(uri, storage)
     try:
@@ -192,7 +256,9 @@ def list_names(uri: str, storage: StorageConfig | None = None) -> list[str]:
 def move_file(src: str, dst: str, storage: StorageConfig | None = None) -> bool:
     """Make ``src`` appear whole as ``dst``: a rename locally, a server-side copy then a delete elsewhere.
 
-    Idempotent: True when ``dst`` exists afterwards, False when neither exists (nothing to move).
+    Idempotent: True when ``dst`` exists afterwards, False when neither exists (nothing to move). Locally
+    an existing ``dst`` is never replaced (a hard link, then the source's name removed): a file another
+    writer published under that name stays as it is.
     """
     fs, src_path = filesystem_for(src, storage)
     _, dst_path = filesystem_for(dst, storage)
@@ -201,7 +267,12 @@ def move_file(src: str, dst: str, storage: StorageConfig | None = None) -> bool:
             return fs.get_file_info(dst_path).type != pafs.FileType.NotFound
         if isinstance(fs, pafs.LocalFileSystem):
             Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src_path, dst_path)  # atomic on one filesystem
+            try:
+                os.link(src_path, dst_path)  # atomic, and exclusive
+            except FileExistsError:
+                if not os.path.samefile(src_path, dst_path):  # not our own earlier link
+                    raise BitrayError(f"cannot publish {src!r}: {dst!r} exists already") from None
+            os.unlink(src_path)
         else:
             fs.copy_file(src_path, dst_path)  # a server-side copy: the object appears whole
             fs.delete_file(src_path)
@@ -210,18 +281,28 @@ def move_file(src: str, dst: str, storage: StorageConfig | None = None) -> bool:
     return True
 
 
-def delete_tree(uri: str, storage: StorageConfig | None = None) -> None:
+def delete_tree(uri: str, storage: StorageConfig | None = None, *, deadline: float | None = None) -> None:
     """Remove a directory or prefix and everything under it (on S3: a LIST and a batched DELETE per
-    1,000 keys; nothing else, so no directory markers appear)."""
+    1,000 keys; nothing else, so no directory markers appear). ``deadline``: each S3 request ends by it."""
     if scheme_of(uri) == "s3":
         storage = storage or StorageConfig()
-        client = shared_s3_client(storage)
         bucket, prefix = split_bucket(uri.rstrip("/") + "/")
+        page_args: dict = {"Bucket": bucket, "Prefix": prefix}
         with s3_errors(uri, storage):
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            while True:
+                page = s3_request(storage, deadline, lambda c: c.list_objects_v2(**page_args), f"LIST {uri}")
                 keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
                 if keys:
-                    client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+                    delete = {"Objects": keys, "Quiet": True}
+                    s3_request(
+                        storage,
+                        deadline,
+                        lambda c, delete=delete: c.delete_objects(Bucket=bucket, Delete=delete),
+                        f"DELETE {uri}",
+                    )
+                if not page.get("IsTruncated"):
+                    break
+                page_args["ContinuationToken"] = page["NextContinuationToken"]
         return
     fs, path = filesystem_for(uri, storage)
     try:
