@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from bitray.cli import build_parser, main
-from bitray.cli.args import Bounded
 from bitray.errors import BitrayError
 
 DIM = 8
@@ -102,6 +101,8 @@ def walk(parser: argparse.ArgumentParser, name: str = "bitray"):
 
 
 def test_every_numeric_flag_of_every_command_has_a_range_checked_type():
+    from bitray.cli.args import Bounded
+
     numeric, unchecked = [], []
     for command, parser in walk(build_parser()):
         for action in parser._actions:
