@@ -2,9 +2,10 @@
 
 **Numbers.** Every int or float flag is declared with a ``Bounded`` type (``positive_int``,
 ``int_in(lo, hi)``, ``fraction``, ``config_field(EmbedConfig, "batch_size")``, ...), so a value out of
-range is refused by argparse itself, naming the flag, before anything starts; ``tests/test_cli_input.py`` walks
-every parser and fails on a numeric flag declared without one. Flags that set a config field take its
-bounds from the field (``config_field``), so the flag and the YAML key can never disagree.
+range is refused by argparse itself, naming the flag, before anything starts;
+``tests/test_cli_input.py`` walks every parser and fails on a numeric flag declared without one. Flags
+that set a config field take its bounds from the field (``config_field``), so the flag and the YAML key
+can never disagree.
 
 **Errors.** ``Parser`` prints one line, ``bitray CMD: error: argument --flag: ...``, and exits 2
 (argparse's usage block is left out: ``--help`` shows it).
