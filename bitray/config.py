@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bitray.errors import BitrayError
 
 T = TypeVar("T", bound="Section")
+MIN_IMAGE_SIZE = 32
+"""Smallest model input side BiT is run at."""
 
 
 class Section(BaseModel):
@@ -137,8 +139,8 @@ class EmbedConfig(Section):
     @classmethod
     def _check_size(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
         sizes = (value, value) if isinstance(value, int) else value
-        if min(sizes) < 32:
-            raise ValueError("image sizes below 32 pixels are too small for BiT")
+        if min(sizes) < MIN_IMAGE_SIZE:
+            raise ValueError(f"image sizes below {MIN_IMAGE_SIZE} pixels are too small for BiT")
         return value
 
     def size_hw(self) -> tuple[int, int]:

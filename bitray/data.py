@@ -69,15 +69,17 @@ def list_labelled(uri: str, storage: StorageConfig | None = None) -> list[tuple[
 
 
 def _read_manifest(uri: str, storage: StorageConfig | None) -> list[tuple[str, str]]:
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     data = st.read_bytes(uri, storage)
     try:
+        # Arrow reads from a BufferReader, never a Python file: see bitray.search.index.load_index
         if uri.lower().endswith(".csv"):
-            table = pacsv.read_csv(io.BytesIO(data))
+            table = pacsv.read_csv(pa.BufferReader(data))
         else:
-            table = pq.read_table(io.BytesIO(data))
+            table = pq.read_table(pa.BufferReader(data))
     except Exception as exc:  # pyarrow raises several types for malformed files
         raise BitrayError(f"manifest {uri!r} cannot be parsed: {exc}") from None
     missing = {"path", "label"} - set(table.column_names)

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from bitray import __version__
+from bitray.cli.args import Parser
 from bitray.errors import BitrayError
 
 COMMANDS = (
@@ -26,7 +27,7 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="bitray",
         description="BiT (Big Transfer) embeddings and HyperRule fine-tuning on Ray clusters.",
         epilog="Run 'bitray COMMAND --help' for the options of one command.",

@@ -7,6 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
+from bitray.cli.args import address_parent, config_field, config_overrides, int_in, non_negative_int
+from bitray.config import MIN_IMAGE_SIZE, EmbedConfig
+
 DEMO_MODEL = "bit-s-r101x1"
 DEMO_FALLBACK = "random:r101x1"
 
@@ -14,6 +17,7 @@ DEMO_FALLBACK = "random:r101x1"
 def register(subparsers: argparse._SubParsersAction) -> None:
     embed = subparsers.add_parser(
         "embed",
+        parents=[address_parent()],
         help="embed images from object storage or local paths into Parquet",
         description="Embed every image under the inputs with BiT, exactly once, into Parquet under --output. "
         "Flags override the config file, which overrides the defaults.",
@@ -35,9 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument(
         "--config", metavar="FILE.yaml", help="EmbedConfig YAML (see pipelines/configs/embed.yaml)"
     )
-    embed.add_argument(
-        "--address", metavar="ADDR", help="Ray cluster address (default: RAY_ADDRESS or local)"
-    )
     embed.add_argument("--run-id", metavar="ID", help="resume (or re-run, a no-op when finished) this run")
     embed.add_argument(
         "--incremental",
@@ -52,9 +53,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="take again the images recorded as errors under --output (alone: without listing the inputs; "
         "with --incremental: beside what is new)",
     )
-    embed.add_argument("--batch-size", type=int, metavar="N", help="images per model call")
     embed.add_argument(
-        "--rows-per-file", type=int, metavar="N", help="images per output Parquet file (default 8192)"
+        "--batch-size",
+        type=config_field(EmbedConfig, "batch_size"),
+        metavar="N",
+        help="images per model call",
+    )
+    embed.add_argument(
+        "--rows-per-file",
+        type=config_field(EmbedConfig, "rows_per_file"),
+        metavar="N",
+        help="images per output Parquet file (default 8192)",
     )
     embed.add_argument(
         "--shared-storage",
@@ -67,10 +76,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="list and compare with earlier runs, print what a run would do; write nothing, start no Ray",
     )
-    embed.add_argument("--image-size", type=int, metavar="PX", help="model input size (default 224)")
-    embed.add_argument("--actors", metavar="MIN[:MAX]", help="autoscaling embedding actor pool size")
-    embed.add_argument("--gpus-per-actor", type=float, metavar="N")
-    embed.add_argument("--cpus-per-actor", type=float, metavar="N")
+    embed.add_argument(
+        "--image-size", type=int_in(MIN_IMAGE_SIZE), metavar="PX", help="model input size (default 224)"
+    )
+    embed.add_argument(
+        "--actors", type=actor_pool, metavar="MIN[:MAX]", help="autoscaling embedding actor pool size"
+    )
+    embed.add_argument("--gpus-per-actor", type=config_field(EmbedConfig, "gpus_per_actor"), metavar="N")
+    embed.add_argument("--cpus-per-actor", type=config_field(EmbedConfig, "cpus_per_actor"), metavar="N")
     embed.add_argument(
         "--cpu-precision",
         choices=["float32", "bfloat16"],
@@ -84,7 +97,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "exact: full-resolution decode, bit-identical pixels",
     )
     embed.add_argument(
-        "--max-decode-mb", type=int, metavar="MB", help="memory one image's decode may take (default 1200)"
+        "--max-decode-mb",
+        type=config_field(EmbedConfig, "max_decode_mb"),
+        metavar="MB",
+        help="memory one image's decode may take (default 1200)",
     )
     embed.set_defaults(func=run_embed)
 
@@ -95,12 +111,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stage and error type. Errors of versions changed or deleted since are not open.",
     )
     errors.add_argument("output", metavar="OUTPUT", help="embedding output prefix")
-    errors.add_argument("--limit", type=int, default=20, metavar="N", help="errors to print (default 20)")
+    errors.add_argument(
+        "--limit", type=non_negative_int, default=20, metavar="N", help="errors to print (default 20)"
+    )
     errors.add_argument("--config", metavar="FILE.yaml", help="EmbedConfig YAML, for its storage settings")
     errors.set_defaults(func=run_errors)
 
     demo = subparsers.add_parser(
         "demo",
+        parents=[address_parent("Ray cluster address (default: local)")],
         help="embed scikit-image's sample photos on a local Ray (the quickstart)",
         description=f"Write scikit-image's sample photos to DIR/photos and embed them into DIR/output with "
         f"{DEMO_MODEL} (or, when its weights cannot be loaded, random weights, said loudly). "
@@ -112,36 +131,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--model", metavar="SPEC", help=f"model spec (default {DEMO_MODEL}, else {DEMO_FALLBACK})"
     )
-    demo.add_argument("--image-size", type=int, default=224, metavar="PX")
-    demo.add_argument(
-        "--address", metavar="ADDR", default="local", help="Ray cluster address (default: local)"
-    )
-    demo.set_defaults(func=run_demo)
+    demo.add_argument("--image-size", type=int_in(MIN_IMAGE_SIZE), default=224, metavar="PX")
+    demo.set_defaults(func=run_demo, address="local")
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from bitray.config import EmbedConfig, load_config
+    from bitray.config import load_config
     from bitray.embed import dry_run_embedding, run_embedding
 
-    overrides = {
-        "inputs": args.inputs,
-        "manifest": args.manifest,
-        "output": args.output,
-        "model": args.model,
-        "run_id": args.run_id,
-        "incremental": args.incremental,
-        "retry_errors": args.retry_errors,
-        "batch_size": args.batch_size,
-        "rows_per_file": args.rows_per_file,
-        "shared_storage": args.shared_storage,
-        "image_size": args.image_size,
-        "gpus_per_actor": args.gpus_per_actor,
-        "cpus_per_actor": args.cpus_per_actor,
-        "cpu_precision": args.cpu_precision,
-        "decode": args.decode,
-        "max_decode_mb": args.max_decode_mb,
-        **parse_actors(args.actors),
-    }
+    overrides = {**config_overrides(EmbedConfig, args), **(args.actors or {})}
     config = load_config(EmbedConfig, args.config, overrides)
     if args.dry_run:
         print_dry_run(dry_run_embedding(config))
@@ -159,7 +157,7 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_errors(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from bitray.config import EmbedConfig, load_config
+    from bitray.config import load_config
     from bitray.outputs import open_errors
 
     config = load_config(EmbedConfig, args.config, {"output": args.output})
@@ -168,7 +166,7 @@ def run_errors(args: argparse.Namespace) -> int:
     kinds = Counter((row.stage, row.error.partition(":")[0]) for row in found)
     for (stage, kind), count in kinds.most_common():
         print(f"  {count:>10,}  {stage:<7} {kind}")
-    for row in found[: max(0, args.limit)]:
+    for row in found[: args.limit]:
         print(f"{row.object.uri}\t{row.stage}\t{row.error}")
     if len(found) > args.limit:
         print(f"... and {len(found) - args.limit:,} more; bitray.outputs.open_errors() lists them all")
@@ -177,16 +175,16 @@ def run_errors(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_actors(text: str | None) -> dict[str, int]:
-    if text is None:
-        return {}
-    from bitray.errors import BitrayError
-
+def actor_pool(text: str) -> dict[str, int]:
+    """``--actors MIN[:MAX]`` as config fields; argparse reports a bad value as the flag's error."""
     low, _, high = text.partition(":")
     try:
-        return {"actors_min": int(low), "actors_max": int(high or low)}
+        pool = {"actors_min": int(low), "actors_max": int(high or low)}
     except ValueError:
-        raise BitrayError(f"--actors {text!r}: write MIN or MIN:MAX, e.g. 1:4") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: write MIN or MIN:MAX, e.g. 1:4") from None
+    if not 1 <= pool["actors_min"] <= pool["actors_max"]:
+        raise argparse.ArgumentTypeError(f"{text!r}: write 1 <= MIN <= MAX, e.g. 1:4")
+    return pool
 
 
 def print_summary(summary, kind: str = "embeddings") -> None:  # noqa: ANN001 - bitray.embed.RunSummary
@@ -214,7 +212,6 @@ def print_dry_run(plan) -> None:  # noqa: ANN001 - bitray.embed.plan.DryRun, imp
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from bitray.config import EmbedConfig
     from bitray.embed import run_embedding
 
     root = Path(args.output).expanduser().absolute()

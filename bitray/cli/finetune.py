@@ -6,10 +6,14 @@ import argparse
 import json
 from dataclasses import asdict
 
+from bitray.cli.args import Bounded, address_parent, config_field, config_overrides
+from bitray.config import FinetuneConfig
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "finetune",
+        parents=[address_parent()],
         help="fine-tune BiT on a labelled image set (Ray Train workers, tracked in MLflow)",
         description="Fine-tune a BiT model with the HyperRule on a folder-per-class tree or a path,label "
         "manifest, export TF-Hub-style SavedModels to --output, and register the model in MLflow. "
@@ -20,13 +24,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", metavar="URI", help="where the exported SavedModels go")
     parser.add_argument("--model", metavar="SPEC", help="bit-m-r50x1 (default), npz:PATH, savedmodel:DIR")
     parser.add_argument("--config", metavar="FILE.yaml", help="FinetuneConfig YAML (pipelines/configs/)")
-    parser.add_argument("--workers", type=int, metavar="N", help="Ray Train workers (default 1)")
-    parser.add_argument("--gpus-per-worker", type=float, metavar="G", help="GPUs per worker (default 0)")
-    parser.add_argument("--steps", type=int, metavar="N", help="total steps (default: by the HyperRule)")
-    parser.add_argument("--batch-size", type=int, metavar="N", help="global batch (default 512)")
-    parser.add_argument("--micro-batch", type=int, metavar="N", help="global images per pass (accumulate)")
     parser.add_argument(
-        "--examples-per-class", type=int, metavar="K", help="few-shot: a seeded draw of K images per class"
+        "--workers", type=_field("workers"), metavar="N", help="Ray Train workers (default 1)"
+    )
+    parser.add_argument(
+        "--gpus-per-worker", type=_field("gpus_per_worker"), metavar="G", help="GPUs per worker (default 0)"
+    )
+    parser.add_argument(
+        "--steps", type=_field("steps"), metavar="N", help="total steps (default: by the HyperRule)"
+    )
+    parser.add_argument(
+        "--batch-size", type=_field("batch_size"), metavar="N", help="global batch (default 512)"
+    )
+    parser.add_argument(
+        "--micro-batch", type=_field("micro_batch"), metavar="N", help="global images per pass (accumulate)"
+    )
+    parser.add_argument(
+        "--examples-per-class",
+        type=_field("examples_per_class"),
+        metavar="K",
+        help="few-shot: a seeded draw of K images per class",
     )
     parser.add_argument(
         "--promote",
@@ -34,29 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="move the registry alias: on merit (default) or always",
     )
     parser.add_argument("--name", metavar="NAME", help="run name; the same name resumes a run")
-    parser.add_argument("--address", metavar="ADDR", help="Ray cluster (default: RAY_ADDRESS or local)")
     parser.set_defaults(func=run)
 
 
+def _field(name: str) -> Bounded:
+    return config_field(FinetuneConfig, name)
+
+
 def run(args: argparse.Namespace) -> int:
-    from bitray.config import FinetuneConfig, load_config
+    from bitray.config import load_config
     from bitray.finetune import run_finetune
 
-    overrides = {
-        "data": args.data,
-        "validation": args.validation,
-        "output": args.output,
-        "model": args.model,
-        "workers": args.workers,
-        "gpus_per_worker": args.gpus_per_worker,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "micro_batch": args.micro_batch,
-        "name": args.name,
-        "examples_per_class": args.examples_per_class,
-        "promote": args.promote,
-    }
-    config = load_config(FinetuneConfig, args.config, overrides)
+    config = load_config(FinetuneConfig, args.config, config_overrides(FinetuneConfig, args))
     result = run_finetune(config, address=args.address)
     print(json.dumps(asdict(result), indent=2))
     print(f"bitray: embed with it: bitray embed --model savedmodel:{result.feature_vector_uri} ...")

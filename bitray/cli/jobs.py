@@ -7,14 +7,17 @@ import shlex
 import sys
 from datetime import UTC, datetime, timedelta
 
+from bitray.cli.args import address_parent, non_negative_float, positive_float
 from bitray.errors import BitrayError
 
 ADDRESS_HELP = "Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    common = address_parent(ADDRESS_HELP)
     submit = subparsers.add_parser(
         "submit",
+        parents=[common],
         help="run a pipeline as a Ray job on a cluster",
         description="Submit `pipelines/<PIPELINE>.py --config FILE` as a Ray job. The config file and the "
         "local bitray code travel with the job; paths in the config are read on the cluster.",
@@ -23,7 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "pipeline", choices=("embed", "finetune"), metavar="PIPELINE", help="embed or finetune"
     )
     submit.add_argument("--config", required=True, help="the pipeline's YAML config")
-    submit.add_argument("--address", help=ADDRESS_HELP)
     submit.add_argument("--submission-id", help="job id to use (Ray refuses one it has seen); default: new")
     submit.add_argument(
         "--wait", action="store_true", help="follow the logs; exit non-zero unless it succeeds"
@@ -45,8 +47,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     submit.set_defaults(func=cmd_submit)
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--address", help=ADDRESS_HELP)
     jobs = subparsers.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
     actions = jobs.add_subparsers(title="actions", metavar="ACTION", required=True)
     actions.add_parser("list", parents=[common], help="every job on the cluster").set_defaults(func=cmd_list)
@@ -65,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     schedule = subparsers.add_parser(
         "schedule",
+        parents=[common],
         help="submit an incremental embedding job once per cron window (keeps running)",
         description="Each cron window (UTC) submits one incremental embedding job with the id "
         "bitray-embed-<config digest>-<window start>, so no window ever runs twice, even after a restart. "
@@ -73,7 +74,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     schedule.add_argument("--cron", required=True, help="cron expression, UTC, e.g. '0 * * * *'")
     schedule.add_argument("--config", required=True, help="the embedding YAML config")
-    schedule.add_argument("--address", help=ADDRESS_HELP)
     schedule.add_argument(
         "--catch-up",
         choices=("skip", "latest", "all"),
@@ -83,11 +83,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     schedule.add_argument("--state", help="state file (local or s3://); default: in the bitray cache dir")
     schedule.add_argument(
         "--grace",
-        type=float,
+        type=non_negative_float,
         default=60.0,
         help="seconds after a window's start it still counts as on time (default 60)",
     )
-    schedule.add_argument("--poll", type=float, default=30.0, help="seconds between job status checks")
+    schedule.add_argument(
+        "--poll", type=positive_float, default=30.0, help="seconds between job status checks"
+    )
     schedule.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     schedule.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for each job"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from bitray.cli.args import positive_int
+
 SPECS = (
     "model specs: bit-s-r101x1 (TF-Hub handle; also bit-m-..., r50x1 ... r152x4), hub:URL, "
     "npz:PATH.npz (local, s3:// or gs://; a bare *.npz path works too), savedmodel:DIR, "
@@ -26,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     info.add_argument("spec", help="model spec, e.g. bit-s-r101x1, npz:BiT-M-R50x1.npz, random:tiny")
     info.add_argument("--arch", help="check that the weights are this variant (e.g. R101x1)")
-    info.add_argument("--num-classes", type=int, help="add a logits head with this many classes")
+    info.add_argument("--num-classes", type=positive_int, help="add a logits head with this many classes")
     info.set_defaults(func=_info)
 
     export = commands.add_parser(
@@ -40,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--arch", help="variant the weights must be, e.g. R101x1 (read from .npz files)")
     export.add_argument("--output", required=True, help="new directory (local, s3:// or gs://)")
     export.add_argument("--classifier", action="store_true", help="export logits instead of features")
-    export.add_argument("--num-classes", type=int, help="classes of the head (needed with --classifier)")
+    export.add_argument(
+        "--num-classes", type=positive_int, help="classes of the head (needed with --classifier)"
+    )
     export.set_defaults(func=_export)
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from bitray.cli.args import cosine, fraction, int_in, positive_int, seed
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     index = subparsers.add_parser(
@@ -18,9 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--embeddings", required=True, metavar="OUT", help="embedding output (bitray embed --output)"
     )
     index.add_argument("--index", metavar="URI", help="where the index lives (default OUT/_index)")
-    index.add_argument("--exact-below", type=int, metavar="N", help="exact search below N vectors (20000)")
     index.add_argument(
-        "--nprobe", type=int, metavar="N", help="IVF cells a query scans (default 15%%, >= 16)"
+        "--exact-below", type=positive_int, metavar="N", help="exact search below N vectors (20000)"
+    )
+    index.add_argument(
+        "--nprobe", type=positive_int, metavar="N", help="IVF cells a query scans (default 15%%, >= 16)"
     )
     index.set_defaults(func=run_index)
 
@@ -34,8 +38,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", metavar="FILE_OR_URI", help="an image to embed and look up")
     query.add_argument("--path", metavar="PATH", help="an object URI as the embedding output records it")
-    search.add_argument("-k", type=int, default=10, metavar="K", help="neighbours to return (10)")
-    search.add_argument("--nprobe", type=int, metavar="N", help="IVF cells to scan (default: the index's)")
+    search.add_argument(
+        "-k",
+        type=positive_int,
+        default=10,
+        metavar="K",
+        help="neighbours to return (10; at most the index size)",
+    )
+    search.add_argument(
+        "--nprobe", type=positive_int, metavar="N", help="IVF cells to scan (default: the index's)"
+    )
     search.add_argument("--sheet", metavar="OUT.png", help="also write a contact sheet of query and results")
     search.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     search.set_defaults(func=run_search)
@@ -46,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write every group of images whose cosine similarity reaches --threshold to Parquet.",
     )
     duplicates.add_argument("--index", required=True, metavar="URI")
-    duplicates.add_argument("--threshold", type=float, default=0.95, metavar="COS", help="(0.95)")
+    duplicates.add_argument(
+        "--threshold", type=cosine, default=0.95, metavar="COS", help="cosine similarity, -1 to 1 (0.95)"
+    )
     duplicates.add_argument("--output", required=True, metavar="OUT.parquet")
     duplicates.add_argument("--sheet", metavar="OUT.png", help="contact sheet of the largest groups")
     duplicates.set_defaults(func=run_duplicates)
@@ -62,10 +76,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--labels", required=True, metavar="LABELS", help="path,label CSV/Parquet or class folders"
     )
     evaluate.add_argument("--baseline", metavar="OUT2", help="embedding output of the model to beat")
-    evaluate.add_argument("--tolerance", type=float, default=0.01, help="allowed drop per metric (0.01)")
-    evaluate.add_argument("--few-shot", type=int, metavar="K", help="also K-shot linear probe and 1-NN")
-    evaluate.add_argument("--folds", type=int, default=5, help="stratified cross-validation folds (5)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument(
+        "--tolerance", type=fraction, default=0.01, help="allowed drop per metric, 0 to 1 (0.01)"
+    )
+    evaluate.add_argument(
+        "--few-shot", type=positive_int, metavar="K", help="also K-shot linear probe and 1-NN (K >= 1)"
+    )
+    evaluate.add_argument(
+        "--folds", type=int_in(2), default=5, help="stratified cross-validation folds, >= 2 (5)"
+    )
+    evaluate.add_argument("--seed", type=seed, default=0)
     evaluate.add_argument(
         "--tracking-uri", metavar="URI", help="MLflow (default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
     )
@@ -75,10 +95,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     """``bitray index --embeddings s3://bucket/emb --index s3://bucket/emb-index``"""
-    from bitray.search.index import IndexOptions, update_index
+    from bitray.search.index import EXACT_BELOW, IndexOptions, update_index
 
-    defaults = IndexOptions()
-    options = IndexOptions(exact_below=args.exact_below or defaults.exact_below, nprobe=args.nprobe)
+    exact_below = EXACT_BELOW if args.exact_below is None else args.exact_below
+    options = IndexOptions(exact_below=exact_below, nprobe=args.nprobe)
     report = update_index(args.embeddings, args.index, options=options)
     print(json.dumps(report.to_dict(), indent=2))
     return 0

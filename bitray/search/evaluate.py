@@ -45,6 +45,14 @@ class EvalOptions:
     few_shot: int | None = None
     trials: int = 5
 
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise BitrayError(f"--folds {self.folds}: cross-validation needs at least 2 folds")
+        if self.few_shot is not None and self.few_shot < 1:
+            raise BitrayError(f"--few-shot {self.few_shot}: train on at least 1 image per class")
+        if self.trials < 1 or self.seed < 0:
+            raise BitrayError(f"trials {self.trials}, seed {self.seed}: give trials >= 1 and a seed >= 0")
+
 
 @dataclass
 class LabelledVectors:
@@ -182,15 +190,20 @@ def score(
 ) -> Evaluation:
     options = options or EvalOptions()
     counts = np.bincount(data.labels, minlength=len(data.classes))
-    if len(data.classes) < 2 or counts.min() < 2:
+    if len(data.classes) < 2:
+        raise BitrayError(
+            f"{labels!r}: evaluation needs at least 2 classes, and the embedded images of {embeddings!r} "
+            f"it labels are all of one class ({data.classes[0]!r}); label images of 2 or more classes"
+        )
+    if counts.min() < 2:
         small = data.classes[int(counts.argmin())]
         raise BitrayError(
-            f"{labels!r}: evaluation needs at least 2 classes of at least 2 embedded images each "
-            f"(class {small!r} has {int(counts.min())})"
+            f"{labels!r}: evaluation needs at least 2 embedded images of every class; class {small!r} "
+            f"has {int(counts.min())}"
         )
     folds = int(min(options.folds, counts.min()))
     metrics = cross_validated(data.vectors, data.labels, folds, options.seed)
-    if options.few_shot:
+    if options.few_shot is not None:
         metrics.update(
             few_shot(data.vectors, data.labels, options.few_shot, options.trials, options.seed, data.classes)
         )

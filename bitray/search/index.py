@@ -33,18 +33,19 @@ never see a half-written index. Two updates of one index at once: the last to wr
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import NonNegativeInt, PositiveInt, TypeAdapter, ValidationError
 
 from bitray import outputs, storage
 from bitray.config import StorageConfig
@@ -77,24 +78,26 @@ ROWS_SCHEMA = pa.schema(
 
 @dataclass
 class IndexMeta:
-    """``index.json``: which output, model and runs an index covers, and how it is built."""
+    """``index.json``: which output, model and runs an index covers, and how it is built.
+
+    The annotations are checked (pydantic) when an ``index.json`` is read (``from_json``)."""
 
     embeddings: str
     model_id: str
     model_spec: str
-    image_size: tuple[int, int]
-    dim: int
-    kind: str  # "flat" (exact) or "ivf" (IVF-Flat)
+    image_size: tuple[PositiveInt, PositiveInt]
+    dim: PositiveInt
+    kind: Literal["flat", "ivf"]  # exact, or IVF-Flat
     runs: list[str]
-    count: int
-    next_id: int
+    count: NonNegativeInt
+    next_id: NonNegativeInt
     generation: str
-    nlist: int | None = None
-    nprobe: int | None = None
-    trained_on: int | None = None
-    decode: str | None = None
-    """How the output decoded its images (``fast``/``exact``), so a query image decodes the same way; None
-    in an index built before it was recorded (search then asks the output)."""
+    nlist: PositiveInt | None = None
+    nprobe: PositiveInt | None = None
+    trained_on: PositiveInt | None = None
+    decode: Literal["fast", "exact"] | None = None
+    """How the output decoded its images, so a query image decodes the same way; None in an index built
+    before it was recorded (search then asks the output)."""
     updated: str = ""
     version: int = FORMAT_VERSION
 
@@ -103,11 +106,32 @@ class IndexMeta:
 
     @classmethod
     def from_json(cls, data: bytes, uri: str) -> IndexMeta:
-        raw = json.loads(data)
+        """The meta of index ``uri``; ``BitrayError`` (naming the file and the fix) when it is not one."""
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _corrupt(uri, f"not JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise _corrupt(uri, f"a JSON {type(raw).__name__}, not an object")
         if raw.get("version") != FORMAT_VERSION:
             raise BitrayError(f"index {uri!r} has format {raw.get('version')}; rebuild it with bitray index")
-        raw["image_size"] = tuple(raw["image_size"])
-        return cls(**raw)
+        try:
+            return _META.validate_python(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()[:3]
+            )
+            raise _corrupt(uri, problems) from None
+
+
+_META = TypeAdapter(IndexMeta)
+
+
+def _corrupt(uri: str, problem: str) -> BitrayError:
+    return BitrayError(
+        f"{storage.join(uri, META_FILE)} is not a valid bitray index ({problem}); delete {uri} and rebuild "
+        f"it with bitray index --embeddings OUT --index {uri}"
+    )
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,12 @@ class IndexOptions:
     nprobe: int | None = None
     """IVF cells scanned per query; default 15% of them, at least 16."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.exact_below < 1:
+            raise BitrayError(f"exact_below {self.exact_below}: give a number of vectors >= 1")
+        if self.nprobe is not None and self.nprobe < 1:
+            raise BitrayError(f"nprobe {self.nprobe}: an IVF query scans at least 1 cell")
 
 
 @dataclass
@@ -178,9 +208,12 @@ class SearchIndex:
             raise BitrayError(
                 f"query vectors have {queries.shape[1]} dimensions, index {self.uri!r} has {self.meta.dim}"
             )
+        if nprobe is not None and nprobe < 1:
+            raise BitrayError(f"nprobe {nprobe}: an IVF query scans at least 1 cell")
         if self.meta.kind == "ivf":
             self.index.nprobe = int(nprobe or self.meta.nprobe or 16)
-        return self.index.search(queries, int(k))
+        # faiss allocates k results per query up front: never ask for more than the index holds
+        return self.index.search(queries, min(int(k), max(1, self.index.ntotal)))
 
 
 def load_index(uri: str, storage_config: StorageConfig | None = None) -> SearchIndex:
@@ -195,8 +228,21 @@ def load_index(uri: str, storage_config: StorageConfig | None = None) -> SearchI
         )
     meta = IndexMeta.from_json(storage.read_bytes(meta_uri, storage_config), uri)
     data = storage.read_bytes(storage.join(uri, f"vectors-{meta.generation}.faiss"), storage_config)
-    index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
-    rows = pq.read_table(io.BytesIO(storage.read_bytes(_rows_uri(uri, meta.generation), storage_config)))
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+        # a BufferReader, not io.BytesIO: Arrow's read-ahead threads would call into a Python file object,
+        # and one still doing so when the interpreter exits aborts the process ("terminate called")
+        rows = pq.read_table(
+            pa.BufferReader(storage.read_bytes(_rows_uri(uri, meta.generation), storage_config))
+        )
+    except (RuntimeError, pa.ArrowException) as exc:
+        raise _corrupt(uri, f"generation {meta.generation} cannot be read: {exc}") from None
+    if set(ROWS_SCHEMA.names) - set(rows.schema.names) or not index.ntotal == rows.num_rows == meta.count:
+        raise _corrupt(
+            uri, f"{index.ntotal} vectors, {rows.num_rows} rows and a count of {meta.count} do not agree"
+        )
+    if index.d != meta.dim:
+        raise _corrupt(uri, f"its vectors have {index.d} dimensions, {META_FILE} says {meta.dim}")
     return SearchIndex(uri, meta, index, rows)
 
 
@@ -447,7 +493,7 @@ def exact_index(dim: int):  # noqa: ANN201 - a faiss index
 
 def ivf_cells(count: int) -> int:
     """IVF cells for ``count`` vectors: 2 sqrt(n), about 900 for 200k."""
-    return max(1, int(2 * math.sqrt(count)))
+    return max(1, min(count, int(2 * math.sqrt(count))))
 
 
 def training_size(count: int) -> int:
