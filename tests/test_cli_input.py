@@ -269,4 +269,6 @@ def test_duplicates_exits_0_every_time(tmp_path):
     for _ in range(10):
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert "2 group(s), 4 image(s), 2 exact copies" in done.stdout
+        # The synthetic index's output has no finished runs, so no input prefix is recorded and the reads
+        # that confirm exact copies are refused (``bitray.search.scope``): the groups are still found.
+        assert "2 group(s), 4 image(s), 0 exact copies" in done.stdout
