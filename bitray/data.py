@@ -230,20 +230,15 @@ def to_ray_dataset(
     storage: StorageConfig | None = None,
     seed: int = 0,
     min_rows: int = 0,
-    cache: str = "none",
     exact: bool = True,
 ) -> ray.data.Dataset:
-    """Rows ``{"image": uint8[size, size, 3], "label": int64}``, read and decoded by Ray Data tasks.
+    """Rows ``{"image": uint8[size, size, 3], "label": int64}`` streamed by Ray Data tasks, for sets
+    whose pixels do not fit in memory (those that fit use ``decode_into_memory``).
 
-    The rows are shuffled once (seeded) so that class-sorted listings do not give one-class batches;
-    the training loop adds a local shuffle per epoch. A set smaller than ``min_rows`` (the global
-    micro-batch: a few-shot set under the HyperRule's 512) is repeated whole until it has that many
-    rows, so every epoch fills a batch on every worker: sampling with repetition, as the reference
-    code's sampling with replacement does.
-
-    ``cache``: ``decoded`` keeps the decoded pixels in Ray's object store (read and decoded once; for
-    sets whose pixels fit), ``encoded`` keeps the file bytes (read once, decoded every epoch: sets far
-    over memory), ``none`` reads and decodes every epoch. Ray needs to be connected for a cache.
+    The file bytes are read once and kept in Ray's object store; every epoch decodes them again. The
+    rows are shuffled once (seeded) so that class-sorted listings do not give one-class batches. A set
+    smaller than ``min_rows`` (the global micro-batch) is repeated whole until it has that many rows,
+    so every epoch fills a batch on every worker. Ray needs to be connected.
     """
     import ray.data
 
@@ -253,15 +248,14 @@ def to_ray_dataset(
     )
     items = [{"path": labelled.paths[i], "label": labelled.labels[i]} for i in order]
     blocks = max(1, min(len(items) // 256, 64))
-    encoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        read_labelled_batch, fn_kwargs={"storage": storage}, batch_size=64, batch_format="numpy"
+    encoded = (
+        ray.data.from_items(items, override_num_blocks=blocks)
+        .map_batches(read_labelled_batch, fn_kwargs={"storage": storage}, batch_size=64, batch_format="numpy")
+        .materialize()
     )
-    if cache == "encoded":
-        encoded = encoded.materialize()
-    decoded = encoded.map_batches(
+    return encoded.map_batches(
         decode_encoded_batch, fn_kwargs={"size": size, "exact": exact}, batch_size=64, batch_format="numpy"
     )
-    return decoded.materialize() if cache == "decoded" else decoded
 
 
 def read_labelled_batch(batch: dict[str, np.ndarray], storage: StorageConfig | None) -> dict[str, Any]:

@@ -275,3 +275,25 @@ def test_crop_flip_gathers_the_picked_images():
     out = bdata.random_crop_flip(images, 4, rng, np.array([4, 4, 1]))
     assert out.shape == (3, 4, 4, 3)
     np.testing.assert_allclose(out[:, 0, 0, 0] * 255, [4, 4, 1], atol=1e-4)
+
+
+def test_a_step_held_in_memory_is_the_same_after_a_restart():
+    from bitray.config import FinetuneConfig
+    from bitray.finetune.inputs import MemoryBatches, Worker
+    from bitray.hyperrule import resolve
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 10, 10, 3), dtype=np.uint8)
+    labels = np.arange(30) % 3
+    config = FinetuneConfig(batch_size=8, micro_batch=4, resize=10, crop=8, mixup_alpha=0.1, steps=10)
+    hp = resolve(config, 30, 100.0)
+
+    def inputs(step: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        return MemoryBatches(images, labels, None, Worker(hp, 3, rank, 2, seed=5)).step_inputs(step)
+
+    x, y = inputs(6, 1)
+    assert x.shape == (2, 2, 8, 8, 3) and y.shape == (2, 2, 3)  # 2 micro-batches of 2 on each of 2 workers
+    again_x, again_y = inputs(6, 1)  # a fresh worker (as after a restart) resuming at step 6
+    np.testing.assert_array_equal(x, again_x)
+    np.testing.assert_array_equal(y, again_y)
+    assert not np.array_equal(x, inputs(6, 0)[0]) and not np.array_equal(x, inputs(7, 1)[0])

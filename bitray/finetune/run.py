@@ -100,6 +100,7 @@ def run_finetune(config: FinetuneConfig, *, address: str | None = None) -> Finet
 
     ray_session.connect(address)
     try:
+        source, datasets = _data_source(config, hp, storage, train_set, val_set)
         loop = LoopConfig(
             model=config.model,
             num_classes=len(train_set.classes),
@@ -111,11 +112,11 @@ def run_finetune(config: FinetuneConfig, *, address: str | None = None) -> Finet
             tracking_uri=tracking_uri,
             run_id=run_id,
             has_val=val_set is not None,
-            source=Streamed(),  # replaced by _fit's choice
+            source=source,
             seed=config.seed,
             progress_bar=sys.stderr.isatty(),
         )
-        result = _fit(config, loop, train_set, val_set, name, storage_path, storage_fs)
+        result = _fit(config, loop, datasets, name, storage_path, storage_fs)
         checkpoint, metrics = _chosen_checkpoint(result, config.export)
         exported = _export_and_register(config, name, train_set, val_set, hp, checkpoint, metrics, run_id)
     except BaseException:
@@ -173,8 +174,7 @@ def _params(
 def _fit(
     config: FinetuneConfig,
     loop: LoopConfig,
-    train_set: bdata.LabelledSet,
-    val_set: bdata.LabelledSet | None,
+    datasets: dict[str, Any],
     name: str,
     storage_path: str,
     storage_fs,  # noqa: ANN001 - pyarrow fs | None
@@ -182,11 +182,8 @@ def _fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    hp = loop.hyper
     use_gpu = config.gpus_per_worker > 0
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})}
-    source, datasets = _data_source(config, hp, loop.storage, train_set, val_set)
-    loop = dataclasses.replace(loop, source=source)
     ranked = {"checkpoint_score_attribute": VAL_TOP1, "checkpoint_score_order": "max"} if loop.has_val else {}
     trainer = TensorflowTrainer(
         train_loop,
@@ -241,16 +238,12 @@ def _data_source(
     _check_cpus_for_streaming(config)
     # the encoded bytes are kept (each file read once); a small set is repeated to fill a global micro-batch
     datasets = {
-        "train": bdata.to_ray_dataset(
-            train_set, hp.resize, storage, config.seed, hp.micro_batch, "encoded", exact
-        )
+        "train": bdata.to_ray_dataset(train_set, hp.resize, storage, config.seed, hp.micro_batch, exact)
     }
     if config.shuffle == "global":  # re-executed by every epoch: a fresh permutation of the whole set
         datasets["train"] = datasets["train"].random_shuffle()
     if val_set is not None:
-        datasets["val"] = bdata.to_ray_dataset(
-            val_set, hp.crop, storage, config.seed, cache="encoded", exact=exact
-        )
+        datasets["val"] = bdata.to_ray_dataset(val_set, hp.crop, storage, config.seed, exact=exact)
     shuffle_buffer = 0 if config.shuffle == "global" else SHUFFLE_BUFFER
     return Streamed(shuffle_buffer, has_val=val_set is not None), datasets
 
