@@ -66,6 +66,7 @@ def test_the_readme_example_finishes_with_two_workers_on_two_cpus(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "digits-model" / "classifier" / "saved_model.pb").is_file()
     assert list((tmp_path / "digits-embeddings").rglob("*.parquet"))
+    assert "fine-tune step 100/100" in done.stdout  # rank 0's progress line, forwarded by Ray
 
 
 def test_a_streamed_set_without_a_cpu_for_its_data_tasks_is_refused_at_once(tmp_path):
