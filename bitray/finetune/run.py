@@ -321,7 +321,9 @@ def _export_and_register(
     report = None
     if val_set is not None:
         infer = loaded.inference_function()
-        report = evaluation.evaluate(lambda x: infer(x).numpy(), val_set, hp.crop, storage)
+        report = evaluation.evaluate(
+            lambda x: infer(x).numpy(), val_set, hp.crop, storage, exact=config.decode == "exact"
+        )
         _log_evaluation(report, hp.crop, storage, tracking_uri, run_id, metrics.get("step"))
     with tempfile.TemporaryDirectory(prefix="bitray-export-") as tmp:
         feature_dir = export_savedmodel(loaded, Path(tmp, tracking.FEATURE_VECTOR), classifier=False)
