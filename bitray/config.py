@@ -196,12 +196,16 @@ class FinetuneConfig(Section):
     resolution_sample: int = Field(256, ge=1)
     """Images whose headers are read (seeded sample) to find the set's median area."""
     cache_decoded: bool | None = None
-    """Decode the images once and keep the pixels in Ray's object store for every epoch; default: when
-    the decoded set is under 1 GiB. Otherwise the encoded file bytes are kept (each file is read once)
-    and decoded again every epoch, in Ray Data tasks that run ahead of the training step."""
+    """Decode the images once, before training, into Ray's object store; every worker then draws its
+    batches from memory (a seeded permutation per epoch, exact on resume). Default: when the decoded set
+    is under 1 GiB and half the object store. Otherwise the encoded file bytes are kept (each file is
+    read once) and decoded again every epoch by Ray Data tasks, which need a CPU beside the workers'."""
+    decode: str = Field("fast", pattern="^(fast|exact)$")
+    """``fast``: JPEGs are DCT-scaled at decode to no less than the resize size, then box-reduced and
+    resized (``bitray.images.prepare_for_model``); ``exact``: full-resolution decode, one resize."""
     shuffle: str = Field("global", pattern="^(global|local)$")
-    """``global``: every epoch is a fresh permutation of the whole training set (a Ray Data shuffle of
-    the cached rows, a few seconds per epoch); ``local``: a 1,024-row buffer over the cached order."""
+    """Sets streamed from Ray Data only (``cache_decoded`` false): ``global``: every epoch a fresh Ray
+    Data shuffle of the whole set; ``local``: a 1,024-row buffer over the cached order."""
     checkpoint_every: int = Field(100, ge=1)
     eval_every: int = Field(100, ge=1)
     """Steps between validation evaluations; every checkpoint is evaluated too, so that the export can

@@ -232,19 +232,15 @@ def to_ray_dataset(
     storage: StorageConfig | None = None,
     seed: int = 0,
     min_rows: int = 0,
-    cache: str = "none",
+    exact: bool = True,
 ) -> ray.data.Dataset:
-    """Rows ``{"image": uint8[size, size, 3], "label": int64}``, read and decoded by Ray Data tasks.
+    """Rows ``{"image": uint8[size, size, 3], "label": int64}`` streamed by Ray Data tasks, for sets
+    whose pixels do not fit in memory (those that fit use ``decode_into_memory``).
 
-    The rows are shuffled once (seeded) so that class-sorted listings do not give one-class batches;
-    the training loop adds a local shuffle per epoch. A set smaller than ``min_rows`` (the global
-    micro-batch: a few-shot set under the HyperRule's 512) is repeated whole until it has that many
-    rows, so every epoch fills a batch on every worker: sampling with repetition, as the reference
-    code's sampling with replacement does.
-
-    ``cache``: ``decoded`` keeps the decoded pixels in Ray's object store (read and decoded once; for
-    sets whose pixels fit), ``encoded`` keeps the file bytes (read once, decoded every epoch: sets far
-    over memory), ``none`` reads and decodes every epoch. Ray needs to be connected for a cache.
+    The file bytes are read once and kept in Ray's object store; every epoch decodes them again. The
+    rows are shuffled once (seeded) so that class-sorted listings do not give one-class batches. A set
+    smaller than ``min_rows`` (the global micro-batch) is repeated whole until it has that many rows,
+    so every epoch fills a batch on every worker. Ray needs to be connected.
     """
     import ray.data
 
@@ -254,15 +250,14 @@ def to_ray_dataset(
     )
     items = [{"path": labelled.paths[i], "label": labelled.labels[i]} for i in order]
     blocks = max(1, min(len(items) // 256, 64))
-    encoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        read_labelled_batch, fn_kwargs={"storage": storage}, batch_size=64, batch_format="numpy"
+    encoded = (
+        ray.data.from_items(items, override_num_blocks=blocks)
+        .map_batches(read_labelled_batch, fn_kwargs={"storage": storage}, batch_size=64, batch_format="numpy")
+        .materialize()
     )
-    if cache == "encoded":
-        encoded = encoded.materialize()
-    decoded = encoded.map_batches(
-        decode_encoded_batch, fn_kwargs={"size": size}, batch_size=64, batch_format="numpy"
+    return encoded.map_batches(
+        decode_encoded_batch, fn_kwargs={"size": size, "exact": exact}, batch_size=64, batch_format="numpy"
     )
-    return decoded.materialize() if cache == "decoded" else decoded
 
 
 def read_labelled_batch(batch: dict[str, np.ndarray], storage: StorageConfig | None) -> dict[str, Any]:
@@ -283,36 +278,45 @@ def read_labelled_batch(batch: dict[str, np.ndarray], storage: StorageConfig | N
     }
 
 
-def decode_encoded_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, Any]:
+def decode_encoded_batch(batch: dict[str, np.ndarray], size: int, exact: bool = True) -> dict[str, Any]:
     """Decode and resize the ``data`` bytes of a batch to uint8 ``size`` x ``size``; bad images skipped."""
     rows = zip(batch["path"], batch["label"], batch["data"], strict=True)
-    return _decoded(((path, label, lambda blob=blob: bytes(blob)) for path, label, blob in rows), size)
+    reads = ((path, label, lambda blob=blob: bytes(blob)) for path, label, blob in rows)
+    return _decoded(reads, size, exact=exact)
 
 
 def decode_labelled_batch(
-    batch: dict[str, np.ndarray], size: int, storage: StorageConfig | None, keep_paths: bool = False
+    batch: dict[str, np.ndarray],
+    size: int,
+    storage: StorageConfig | None,
+    keep_paths: bool = False,
+    exact: bool = True,
 ) -> dict[str, Any]:
     """Read, decode and resize a batch of ``path``/``label`` rows; undecodable images are skipped.
 
     ``keep_paths`` keeps a ``path`` column beside the decoded rows (for the evaluation's report).
+    ``exact=False``: the fast decode (``bitray.images.prepare_for_model``: a JPEG is DCT-scaled to no
+    less than ``size``, then box-reduced and resized with antialiasing); ``True``: full-resolution decode.
     """
     rows = zip(batch["path"], batch["label"], strict=True)
     reads = ((path, label, lambda path=path: st.read_bytes(str(path), storage)) for path, label in rows)
-    return _decoded(reads, size, keep_paths=keep_paths)
+    return _decoded(reads, size, keep_paths=keep_paths, exact=exact)
 
 
-def _decoded(rows: Iterator[tuple[Any, Any, Any]], size: int, keep_paths: bool = False) -> dict[str, Any]:
+def _decoded(
+    rows: Iterator[tuple[Any, Any, Any]], size: int, keep_paths: bool = False, exact: bool = True
+) -> dict[str, Any]:
     """(path, label, read bytes) rows -> uint8 images resized to ``size`` x ``size``, with their labels."""
-    from bitray.images import ImageDecodeError, decode_image, resize_pixels
+    from bitray.images import ImageDecodeError, prepare_for_model
 
     images, labels, paths = [], [], []
     for path, label, read in rows:
         try:
-            decoded = decode_image(read())
+            pixels, _, _ = prepare_for_model(read(), (size, size), exact=exact)
         except (ImageDecodeError, BitrayError) as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
-        images.append(resize_pixels(decoded.pixels, (size, size)))
+        images.append(pixels)
         labels.append(int(label))
         paths.append(str(path))
     extra = {"path": np.asarray(paths, dtype=object)} if keep_paths else {}
@@ -321,20 +325,60 @@ def _decoded(rows: Iterator[tuple[Any, Any, Any]], size: int, keep_paths: bool =
     return {"image": np.stack(images), "label": np.asarray(labels, np.int64), **extra}
 
 
+def decode_into_memory(
+    labelled: LabelledSet, size: int, storage: StorageConfig | None = None, exact: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(uint8 images [n, size, size, 3], int64 labels [n])`` of the whole set, in path order.
+
+    Decoded by Ray Data tasks across the cluster (before any training worker holds a CPU) and gathered
+    here; undecodable images are skipped with a warning, and a set with none left is refused.
+    """
+    import ray.data
+
+    items = [{"path": p, "label": label} for p, label in zip(labelled.paths, labelled.labels, strict=True)]
+    blocks = max(1, min(len(items) // 64, 64))
+    decoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        decode_labelled_batch,
+        fn_kwargs={"size": size, "storage": storage, "keep_paths": True, "exact": exact},
+        batch_size=64,
+        batch_format="numpy",
+    )
+    parts = list(decoded.iter_batches(batch_size=None, batch_format="numpy"))
+    parts = [p for p in parts if len(p["label"])]
+    if not parts:
+        raise BitrayError(
+            f"none of the {len(labelled)} images (e.g. {labelled.paths[0]!r}) could be decoded; "
+            "check the data and the warnings about skipped images"
+        )
+    paths = np.concatenate([p["path"] for p in parts])
+    order = np.argsort(paths, kind="stable")  # Ray Data's block order varies; the sampling needs one order
+    images = np.concatenate([p["image"] for p in parts])[order]
+    labels = np.concatenate([p["label"] for p in parts])[order]
+    return images, labels
+
+
 # --- HyperRule augmentation (numpy, on the training worker) ---------------------------------------------
 
 
-def random_crop_flip(images: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
-    """Random ``crop`` x ``crop`` window and random horizontal flip per image; uint8 in, float [0,1] out."""
-    n, height, width = images.shape[:3]
+def random_crop_flip(
+    images: np.ndarray, crop: int, rng: np.random.Generator, index: np.ndarray | None = None
+) -> np.ndarray:
+    """Random ``crop`` x ``crop`` window and random horizontal flip per image; uint8 in, float [0,1] out.
+
+    ``index`` picks the images (``images[index]``, repeats allowed) in the same gather that crops them.
+    A constant number of numpy calls per batch, none per image.
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    picked = np.arange(len(images)) if index is None else np.asarray(index)
+    n, height, width = len(picked), images.shape[1], images.shape[2]
     tops = rng.integers(0, height - crop + 1, size=n)
     lefts = rng.integers(0, width - crop + 1, size=n)
     flips = rng.random(n) < 0.5
-    out = np.empty((n, crop, crop, images.shape[3]), np.float32)
-    for i in range(n):
-        window = images[i, tops[i] : tops[i] + crop, lefts[i] : lefts[i] + crop]
-        out[i] = window[:, ::-1] if flips[i] else window
-    return out / 255.0
+    windows = sliding_window_view(images, (crop, crop), axis=(1, 2))  # [N, h', w', 3, crop, crop], a view
+    out = windows[picked, tops, lefts].transpose(0, 2, 3, 1)  # one gather: [n, crop, crop, 3]
+    out = np.where(flips[:, None, None, None], out[:, :, ::-1], out)
+    return out.astype(np.float32) * np.float32(1 / 255)
 
 
 def mixup(

@@ -197,7 +197,7 @@ def test_digest_names_the_set_not_its_order():
 
 
 def test_an_epoch_without_a_batch_fails_at_once():
-    from bitray.finetune.loop import endless_batches
+    from bitray.finetune.inputs import endless_batches
 
     class EmptyShard:  # every image of the shard was undecodable
         def iter_batches(self, **kwargs):
@@ -208,13 +208,13 @@ def test_an_epoch_without_a_batch_fails_at_once():
 
 
 def test_mixup_draws_one_lambda_per_optimizer_step():
-    from bitray.finetune.loop import mixup_step
+    from bitray.finetune.inputs import mix
 
     images = np.zeros((2, 3, 1, 1, 1), np.float32)
     images[0] = 1.0  # micro-batch 0 all ones, micro-batch 1 all zeros
     onehot = np.tile(np.eye(2, dtype=np.float32)[[0]], (2, 3, 1))
     onehot[1] = np.eye(2, dtype=np.float32)[[1]]
-    mixed, targets = mixup_step(images, onehot, 0.1, np.random.default_rng(0))
+    mixed, targets = mix(images, onehot, 0.1, np.random.default_rng(0))
     assert mixed.shape == images.shape and targets.shape == onehot.shape
     # one lambda for all six images: each is lam, 1 - lam, 0 or 1, and the targets agree with the pixels
     lam = float(np.random.default_rng(0).beta(0.1, 0.1))
@@ -243,3 +243,57 @@ def test_prefetcher_runs_ahead_and_hands_over_errors():
     with pytest.raises(BitrayError, match="no more"):
         ahead.next()
     ahead.stop()
+
+
+def test_each_epoch_of_a_set_in_memory_is_a_seeded_permutation_split_over_workers():
+    from bitray.finetune.sampling import step_indices, worker_indices
+
+    n, batch = 10, 4  # 2.5 steps per epoch: batches straddle epochs
+    stream = np.concatenate([step_indices(s, n, batch, seed=3) for s in range(5)])
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert not np.array_equal(stream[:10], stream[10:20])  # a fresh order every epoch
+    np.testing.assert_array_equal(step_indices(3, n, batch, seed=3), stream[12:16])  # a function of the step
+    assert not np.array_equal(step_indices(0, n, batch, seed=4), stream[:4])
+    # two workers, two micro-batches of 2: together exactly the global batch, in order
+    parts = [worker_indices(3, n, batch, 2, world=2, rank=r, seed=3) for r in (0, 1)]
+    assert parts[0].shape == (2, 1)
+    np.testing.assert_array_equal(np.stack(parts, axis=1).reshape(-1), stream[12:16])
+
+
+def test_a_set_smaller_than_a_batch_is_drawn_with_replacement_per_step():
+    from bitray.finetune.sampling import step_indices
+
+    first = step_indices(7, 10, 512, seed=0)
+    assert first.shape == (512,) and set(first) == set(range(10))  # every image, many times
+    np.testing.assert_array_equal(first, step_indices(7, 10, 512, seed=0))
+    assert not np.array_equal(first, step_indices(8, 10, 512, seed=0))
+
+
+def test_crop_flip_gathers_the_picked_images():
+    rng = np.random.default_rng(0)
+    images = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 6, 6, 3), np.uint8)
+    out = bdata.random_crop_flip(images, 4, rng, np.array([4, 4, 1]))
+    assert out.shape == (3, 4, 4, 3)
+    np.testing.assert_allclose(out[:, 0, 0, 0] * 255, [4, 4, 1], atol=1e-4)
+
+
+def test_a_step_held_in_memory_is_the_same_after_a_restart():
+    from bitray.config import FinetuneConfig
+    from bitray.finetune.inputs import MemoryBatches, Worker
+    from bitray.hyperrule import resolve
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 10, 10, 3), dtype=np.uint8)
+    labels = np.arange(30) % 3
+    config = FinetuneConfig(batch_size=8, micro_batch=4, resize=10, crop=8, mixup_alpha=0.1, steps=10)
+    hp = resolve(config, 30, 100.0)
+
+    def inputs(step: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        return MemoryBatches(images, labels, None, Worker(hp, 3, rank, 2, seed=5)).step_inputs(step)
+
+    x, y = inputs(6, 1)
+    assert x.shape == (2, 2, 8, 8, 3) and y.shape == (2, 2, 3)  # 2 micro-batches of 2 on each of 2 workers
+    again_x, again_y = inputs(6, 1)  # a fresh worker (as after a restart) resuming at step 6
+    np.testing.assert_array_equal(x, again_x)
+    np.testing.assert_array_equal(y, again_y)
+    assert not np.array_equal(x, inputs(6, 0)[0]) and not np.array_equal(x, inputs(7, 1)[0])

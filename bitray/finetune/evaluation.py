@@ -93,10 +93,12 @@ def evaluate(
     val_set: bdata.LabelledSet,
     size: int,
     storage: StorageConfig | None = None,
+    exact: bool = True,
 ) -> Evaluation:
-    """Logits of ``infer`` (float images in [0, 1] -> logits) for every decodable validation image."""
+    """Logits of ``infer`` (float images in [0, 1] -> logits) for every decodable validation image,
+    decoded as in training (``exact``: ``bitray.data.decode_labelled_batch``)."""
     logits, labels, paths = [], [], []
-    for batch in _decoded_batches(val_set, size, storage):
+    for batch in _decoded_batches(val_set, size, storage, exact):
         logits.append(np.asarray(infer(bdata.eval_images(batch["image"]))))
         labels.append(batch["label"])
         paths += [str(p) for p in batch["path"]]
@@ -109,12 +111,14 @@ def evaluate(
     )
 
 
-def _decoded_batches(val_set: bdata.LabelledSet, size: int, storage: StorageConfig | None) -> Iterator[dict]:
+def _decoded_batches(
+    val_set: bdata.LabelledSet, size: int, storage: StorageConfig | None, exact: bool
+) -> Iterator[dict]:
     for start in range(0, len(val_set), EVAL_BATCH):
         paths = np.asarray(val_set.paths[start : start + EVAL_BATCH], dtype=object)
         labels = np.asarray(val_set.labels[start : start + EVAL_BATCH], np.int64)
         decoded = bdata.decode_labelled_batch(
-            {"path": paths, "label": labels}, size, storage, keep_paths=True
+            {"path": paths, "label": labels}, size, storage, keep_paths=True, exact=exact
         )
         if len(decoded["label"]):
             yield decoded

@@ -1,15 +1,17 @@
 """The per-worker training loop: runs on every Ray Train worker (``TF_CONFIG`` set by ``TensorflowTrainer``).
 
-Each worker streams its Ray Data shard, augments on the fly, and steps SGD with gradient accumulation.
-Every ``checkpoint_every`` steps all workers evaluate on the validation set and call ``ray.train.report``;
-rank 0 attaches the checkpoint (model, optimizer, step), ranked by validation top-1 so that the best one
-is kept. After a worker dies, Ray Train restarts the group and the loop resumes from
-``ray.train.get_checkpoint()``. The data iterator restarts at a fresh shuffled epoch on resume (Ray Data
-cannot restore a stream position); the step counter and LR schedule continue exactly.
+Each worker opens its data source (``inputs``: the set held in memory, or a Ray Data stream), prepares
+the next step's augmented batch on a background thread while the current step runs, and steps SGD with
+gradient accumulation. Every ``checkpoint_every`` steps all workers evaluate on the validation set and
+call ``ray.train.report``; rank 0 attaches the checkpoint (model, optimizer, step), ranked by validation
+top-1 so that the best one is kept. After a worker dies, Ray Train restarts the group and the loop
+resumes from ``ray.train.get_checkpoint()``: the step counter and LR schedule continue exactly, and so
+does the data order of a set held in memory (a function of the step); a stream starts a fresh epoch.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -24,11 +26,11 @@ import numpy as np
 from bitray import data as bdata
 from bitray import hyperrule, tracking
 from bitray.config import StorageConfig
-from bitray.errors import BitrayError
+from bitray.finetune.inputs import Source, Worker
+from bitray.finetune.progress import Progress
 
 CHECKPOINT_PREFIX = "ckpt"
 STATE_FILE = "state.json"
-SHUFFLE_BUFFER = 1024
 VAL_TOP1 = "val/top1"
 
 
@@ -46,8 +48,11 @@ class LoopConfig:
     tracking_uri: str
     run_id: str
     has_val: bool
-    shuffle_buffer: int = SHUFFLE_BUFFER
-    """Rows of the local shuffle buffer; 0 when the dataset is shuffled globally every epoch."""
+    source: Source
+    """Where the batches come from: ``inputs.InMemory`` or ``inputs.Streamed``."""
+    seed: int = 0
+    progress_bar: bool = False
+    """Draw a live bar (the driver is in a terminal) instead of a log line every 30 s."""
 
 
 def train_loop(train_loop_config: dict[str, LoopConfig]) -> None:
@@ -95,18 +100,10 @@ def run_loop(cfg: LoopConfig) -> None:
     if logger is not None and restored is not None:
         logger.set_tag("bitray.resumed_from_step", str(step))
 
-    rng = np.random.default_rng()  # augmentation is random on purpose, not seeded
-    batches = endless_batches(ray.train.get_dataset_shard("train"), local_micro, cfg.shuffle_buffer)
-    val_shard = ray.train.get_dataset_shard("val") if cfg.has_val else None
-    eye = np.eye(cfg.num_classes, dtype=np.float32)
-
-    def next_step_inputs() -> tuple[np.ndarray, np.ndarray]:
-        micro = [next(batches) for _ in range(accumulation)]
-        images = np.stack([bdata.random_crop_flip(b["image"], hp.crop, rng) for b in micro])
-        targets = np.stack([eye[b["label"]] for b in micro])
-        return mixup_step(images, targets, hp.mixup_alpha, rng)
-
-    inputs = Prefetcher(next_step_inputs)  # reading, augmenting and MixUp overlap the step
+    source = cfg.source.open(Worker(hp, cfg.num_classes, rank, world, cfg.seed))
+    upcoming = itertools.count(step)  # the prefetch thread prepares steps in order from the resumed one
+    inputs = Prefetcher(lambda: source.step_inputs(next(upcoming)))  # augmentation overlaps the step
+    progress = Progress(step, hp.total_steps, cfg.progress_bar) if rank == 0 else None
     tick = time.perf_counter()
     try:
         while step < hp.total_steps:
@@ -123,8 +120,8 @@ def run_loop(cfg: LoopConfig) -> None:
             }
             tick = now
             checkpoint_now = step % cfg.checkpoint_every == 0 or step == hp.total_steps
-            if val_shard is not None and (step % cfg.eval_every == 0 or checkpoint_now):
-                metrics[VAL_TOP1] = _evaluate(all_sum, predict, val_shard, local_micro)
+            if cfg.has_val and (step % cfg.eval_every == 0 or checkpoint_now):
+                metrics[VAL_TOP1] = _evaluate(all_sum, predict, source.validation(local_micro))
                 tick = time.perf_counter()  # evaluation time is not training throughput
             if checkpoint_now:
                 metrics["checkpoint/step"] = step
@@ -132,8 +129,12 @@ def run_loop(cfg: LoopConfig) -> None:
                 tick = time.perf_counter()
             if logger is not None:
                 logger.log_metrics(metrics, step)
+            if progress is not None:
+                progress.update(step, metrics["train/loss"], metrics["train/images_per_s"])
     finally:
         inputs.stop()
+        if progress is not None:
+            progress.close()
         if logger is not None:
             logger.close()
 
@@ -178,20 +179,6 @@ class Prefetcher:
         self._stopped.set()
 
 
-def mixup_step(
-    images: np.ndarray, targets: np.ndarray, alpha: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """MixUp over one optimizer step's images ``[micro-batches, n, ...]``: one lambda for the whole step,
-    partners drawn across its micro-batches, as the reference mixes its one batch."""
-    if alpha <= 0:
-        return images, targets
-    shape, target_shape = images.shape, targets.shape
-    flat_x, flat_y = bdata.mixup(
-        images.reshape(-1, *shape[2:]), targets.reshape(-1, *target_shape[2:]), alpha, rng
-    )
-    return flat_x.reshape(shape), flat_y.reshape(target_shape)
-
-
 def make_train_step(strategy, model, optimizer, global_batch: int, accumulation: int):  # noqa: ANN001, ANN201
     """One optimizer step over ``accumulation`` micro-batches ``x[i]``, gradients summed, then all-reduced.
 
@@ -225,30 +212,6 @@ def make_train_step(strategy, model, optimizer, global_batch: int, accumulation:
     return step
 
 
-def endless_batches(shard, batch_size: int, shuffle_buffer: int = SHUFFLE_BUFFER):  # noqa: ANN001, ANN201
-    """This worker's micro-batches, epoch after epoch (``shuffle_buffer`` rows shuffled locally, 0: none);
-    equal counts on every worker.
-
-    The driver repeats a small set until an epoch holds a global micro-batch, so an epoch without a
-    single batch means the shard's images could not be decoded: that fails at once, never loops.
-    """
-    while True:
-        formed = 0
-        for batch in shard.iter_batches(
-            batch_size=batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=shuffle_buffer or None,
-        ):
-            formed += 1
-            yield batch
-        if not formed:
-            raise BitrayError(
-                f"cannot form a batch of {batch_size} images on this worker: a whole epoch of its share "
-                "of the training set gave fewer decodable images; check the warnings about skipped images"
-            )
-
-
 def _make_all_sum(strategy):  # noqa: ANN001, ANN202
     """Sum a small vector over all workers (a collective: every worker must call it)."""
     import tensorflow as tf
@@ -261,13 +224,13 @@ def _make_all_sum(strategy):  # noqa: ANN001, ANN202
     return all_sum
 
 
-def _evaluate(all_sum, predict, shard, batch_size: int) -> float:  # noqa: ANN001
-    """Top-1 over the whole validation set: each worker scores its shard, counts summed across workers."""
+def _evaluate(all_sum, predict, batches) -> float:  # noqa: ANN001
+    """Top-1 over the whole validation set: each worker scores its share, counts summed across workers."""
     correct = total = 0
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        predicted = predict(bdata.eval_images(batch["image"])).numpy()
-        correct += int(np.sum(predicted == batch["label"]))
-        total += len(batch["label"])
+    for images, labels in batches:
+        predicted = predict(bdata.eval_images(images)).numpy()
+        correct += int(np.sum(predicted == labels))
+        total += len(labels)
     summed = all_sum(np.array([correct, total], np.float32)).numpy()
     return float(summed[0] / max(summed[1], 1.0))
 

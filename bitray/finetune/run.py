@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from bitray import storage as st
 from bitray.config import FinetuneConfig, StorageConfig
 from bitray.errors import BitrayError
 from bitray.finetune import evaluation, promotion
-from bitray.finetune.loop import CHECKPOINT_PREFIX, SHUFFLE_BUFFER, VAL_TOP1, LoopConfig, train_loop
+from bitray.finetune.inputs import SHUFFLE_BUFFER, InMemory, Streamed
+from bitray.finetune.loop import CHECKPOINT_PREFIX, VAL_TOP1, LoopConfig, train_loop
 from bitray.redaction import redacted
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ def run_finetune(config: FinetuneConfig, *, address: str | None = None) -> Finet
 
     ray_session.connect(address)
     try:
+        source, datasets = _data_source(config, hp, storage, train_set, val_set)
         loop = LoopConfig(
             model=config.model,
             num_classes=len(train_set.classes),
@@ -111,9 +114,11 @@ def run_finetune(config: FinetuneConfig, *, address: str | None = None) -> Finet
             tracking_uri=tracking_uri,
             run_id=run_id,
             has_val=val_set is not None,
-            shuffle_buffer=0 if config.shuffle == "global" else SHUFFLE_BUFFER,
+            source=source,
+            seed=config.seed,
+            progress_bar=sys.stderr.isatty(),
         )
-        result = _fit(config, loop, train_set, val_set, name, storage_path, storage_fs)
+        result = _fit(config, loop, datasets, name, storage_path, storage_fs)
         checkpoint, metrics = _chosen_checkpoint(result, config.export)
         exported = _export_and_register(config, name, train_set, val_set, hp, checkpoint, metrics, run_id)
     except BaseException:
@@ -171,8 +176,7 @@ def _params(
 def _fit(
     config: FinetuneConfig,
     loop: LoopConfig,
-    train_set: bdata.LabelledSet,
-    val_set: bdata.LabelledSet | None,
+    datasets: dict[str, Any],
     name: str,
     storage_path: str,
     storage_fs,  # noqa: ANN001 - pyarrow fs | None
@@ -180,21 +184,6 @@ def _fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    hp, storage = loop.hyper, loop.storage
-    rows = max(len(train_set), hp.micro_batch)
-    decoded_bytes = rows * hp.resize**2 * 3 + (len(val_set) * hp.crop**2 * 3 if val_set else 0)
-    fits = config.cache_decoded if config.cache_decoded is not None else decoded_bytes < CACHE_LIMIT_BYTES
-    # pixels when they fit (read and decoded once), else the encoded bytes (read once, decoded per epoch)
-    cache = "decoded" if fits else "encoded"
-    log.info("data cache: %s (decoded set about %.2f GiB)", cache, decoded_bytes / 2**30)
-    # a set smaller than a global micro-batch is repeated: every epoch then fills a batch on every worker
-    datasets = {
-        "train": bdata.to_ray_dataset(train_set, hp.resize, storage, config.seed, hp.micro_batch, cache)
-    }
-    if config.shuffle == "global":  # re-executed by every epoch: a fresh permutation of the whole set
-        datasets["train"] = datasets["train"].random_shuffle()
-    if val_set is not None:
-        datasets["val"] = bdata.to_ray_dataset(val_set, hp.crop, storage, config.seed, cache=cache)
     use_gpu = config.gpus_per_worker > 0
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})}
     ranked = {"checkpoint_score_attribute": VAL_TOP1, "checkpoint_score_order": "max"} if loop.has_val else {}
@@ -214,6 +203,69 @@ def _fit(
         datasets=datasets,
     )
     return trainer.fit()
+
+
+def _data_source(
+    config: FinetuneConfig,
+    hp: hyperrule.HyperParams,
+    storage: StorageConfig,
+    train_set: bdata.LabelledSet,
+    val_set: bdata.LabelledSet | None,
+) -> tuple[InMemory | Streamed, dict[str, Any]]:
+    """The workers' data source, and the Ray Data datasets the trainer streams (none for ``InMemory``).
+
+    Pixels that fit (under ``CACHE_LIMIT_BYTES`` and half the object store) are decoded once, now, while
+    no worker holds a CPU, and put in the object store. Otherwise Ray Data decodes every epoch while the
+    workers train, which needs CPUs the workers do not hold: checked here, or the run would wait for ever.
+    """
+    import ray
+
+    exact = config.decode == "exact"
+    decoded_bytes = len(train_set) * hp.resize**2 * 3 + (len(val_set) * hp.crop**2 * 3 if val_set else 0)
+    budget = min(CACHE_LIMIT_BYTES, ray.available_resources().get("object_store_memory", 0) / 2)
+    fits = config.cache_decoded if config.cache_decoded is not None else decoded_bytes < budget
+    log.info(
+        "data: %s (decoded set about %.2f GiB, budget %.2f GiB)",
+        "decoded once, held in memory" if fits else "streamed, decoded every epoch",
+        decoded_bytes / 2**30,
+        budget / 2**30,
+    )
+    if fits:
+        images, labels = bdata.decode_into_memory(train_set, hp.resize, storage, exact)
+        refs = [ray.put(images), ray.put(labels)]
+        if val_set is not None:
+            val_images, val_labels = bdata.decode_into_memory(val_set, hp.crop, storage, exact)
+            refs += [ray.put(val_images), ray.put(val_labels)]
+        return InMemory(*refs), {}
+    _check_cpus_for_streaming(config)
+    # the encoded bytes are kept (each file read once); a small set is repeated to fill a global micro-batch
+    datasets = {
+        "train": bdata.to_ray_dataset(train_set, hp.resize, storage, config.seed, hp.micro_batch, exact)
+    }
+    if config.shuffle == "global":  # re-executed by every epoch: a fresh permutation of the whole set
+        datasets["train"] = datasets["train"].random_shuffle()
+    if val_set is not None:
+        datasets["val"] = bdata.to_ray_dataset(val_set, hp.crop, storage, config.seed, exact=exact)
+    shuffle_buffer = 0 if config.shuffle == "global" else SHUFFLE_BUFFER
+    return Streamed(shuffle_buffer, has_val=val_set is not None), datasets
+
+
+DATA_CPUS = 1
+"""CPUs a streamed run leaves beside its workers for the Ray Data tasks that read and decode."""
+
+
+def _check_cpus_for_streaming(config: FinetuneConfig) -> None:
+    import ray
+
+    held = config.workers * config.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 0)
+    if total < held + DATA_CPUS:
+        raise BitrayError(
+            f"streaming the training set needs {held + DATA_CPUS:g} CPUs: {config.workers} worker(s) x "
+            f"{config.cpus_per_worker:g} CPU plus {DATA_CPUS} for the Ray Data tasks that decode every "
+            f"epoch, but the Ray cluster has {total:g}; use fewer --workers or cpus_per_worker, a "
+            "larger cluster, or let the decoded set be held in memory (cache_decoded: true)"
+        )
 
 
 def _chosen_checkpoint(result, export: str):  # noqa: ANN001, ANN202 - ray.train types
@@ -271,7 +323,9 @@ def _export_and_register(
     report = None
     if val_set is not None:
         infer = loaded.inference_function()
-        report = evaluation.evaluate(lambda x: infer(x).numpy(), val_set, hp.crop, storage)
+        report = evaluation.evaluate(
+            lambda x: infer(x).numpy(), val_set, hp.crop, storage, exact=config.decode == "exact"
+        )
         _log_evaluation(report, hp.crop, storage, tracking_uri, run_id, metrics.get("step"))
     with tempfile.TemporaryDirectory(prefix="bitray-export-") as tmp:
         feature_dir = export_savedmodel(loaded, Path(tmp, tracking.FEATURE_VECTOR), classifier=False)
