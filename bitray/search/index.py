@@ -50,6 +50,8 @@ from bitray import outputs, storage
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
 from bitray.search import vectors
+from bitray.search.params import DEFAULT_MAX_INDEX_MEMORY, choose
+from bitray.search.shards import FILES_PER_SHARD
 
 log = logging.getLogger(__name__)
 # faiss's loader logs each CPU-specific module it does not find at INFO; the wheel dispatches at run time
@@ -84,7 +86,7 @@ class IndexMeta:
     model_spec: str
     image_size: tuple[int, int]
     dim: int
-    kind: str  # "flat" (exact) or "ivf" (IVF-Flat)
+    kind: str  # "flat" (exact), "ivf" (IVF-Flat) or "ivfpq" (sharded, compressed: bitray.search.shards)
     runs: list[str]
     count: int
     next_id: int
@@ -94,6 +96,12 @@ class IndexMeta:
     trained_on: int | None = None
     updated: str = ""
     version: int = FORMAT_VERSION
+    factory: str | None = None
+    """ivfpq: the faiss factory string of the quantiser, e.g. ``PCAR512,IVF1680,PQ128``."""
+    template: str | None = None
+    train_error: float | None = None
+    shards: list[dict] | None = None
+    masked: str | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2).encode()
@@ -113,8 +121,13 @@ class IndexOptions:
 
     exact_below: int = EXACT_BELOW
     nprobe: int | None = None
-    """IVF cells scanned per query; default 15% of them, at least 16."""
+    """IVF cells scanned per query; default 15% of them, at least 16 (ivfpq: 5%, at least 16)."""
     seed: int = 0
+    max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY
+    """Bytes the index may take in memory: IVF-Flat while its full vectors fit, compressed from there."""
+    files_per_shard: int = FILES_PER_SHARD
+    address: str | None = None
+    """Ray cluster of a compressed build (default: RAY_ADDRESS, else a local Ray)."""
 
 
 @dataclass
@@ -164,6 +177,10 @@ class SearchIndex:
         position = self._by_path.get(path)
         return None if position is None else int(self.rows.column("id")[position].as_py())
 
+    def rows_of(self, ids: np.ndarray) -> pa.Table:
+        """The rows of faiss ids, in their order."""
+        return self.rows.take(pa.array(self.positions(np.asarray(ids, np.int64))))
+
     def vectors_of(self, ids: np.ndarray) -> np.ndarray:
         """The stored (unit-length) vectors of faiss ids."""
         return self.index.reconstruct_batch(np.asarray(ids, np.int64))
@@ -180,8 +197,9 @@ class SearchIndex:
         return self.index.search(queries, int(k))
 
 
-def load_index(uri: str, storage_config: StorageConfig | None = None) -> SearchIndex:
-    """Read an index written by ``update_index``; ``BitrayError`` when there is none at ``uri``."""
+def load_index(uri: str, storage_config: StorageConfig | None = None):  # noqa: ANN201 - or a ShardedIndex
+    """Read an index written by ``update_index``; ``BitrayError`` when there is none at ``uri``. A
+    compressed one (``ivfpq``) is opened lazily: shards are mapped when a query needs them."""
     import faiss
 
     meta_uri = storage.join(uri, META_FILE)
@@ -191,6 +209,10 @@ def load_index(uri: str, storage_config: StorageConfig | None = None) -> SearchI
             "bitray index --embeddings OUT --index URI"
         )
     meta = IndexMeta.from_json(storage.read_bytes(meta_uri, storage_config), uri)
+    if meta.kind == "ivfpq":
+        from bitray.search.sharded import ShardedIndex
+
+        return ShardedIndex(uri, meta, storage_config)
     data = storage.read_bytes(storage.join(uri, f"vectors-{meta.generation}.faiss"), storage_config)
     index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
     rows = pq.read_table(io.BytesIO(storage.read_bytes(_rows_uri(uri, meta.generation), storage_config)))
@@ -203,8 +225,12 @@ def update_index(
     *,
     storage_config: StorageConfig | None = None,
     options: IndexOptions | None = None,
+    deleted: set[str] | None = None,
 ) -> UpdateReport:
     """Build the index of ``embeddings`` at ``index_uri``, or add to it the runs finished since the last call.
+
+    ``deleted``: paths whose objects are gone (an embedding output does not record deletions); a
+    compressed index stops returning them.
 
     Raises ``BitrayError`` when the output has no finished run, when its runs used different models or
     image sizes, or when the index was built from another output or model.
@@ -229,10 +255,28 @@ def update_index(
     covered = set(existing.meta.runs) if existing else set()
     new_runs = [run for run in runs if run not in covered]
     spec, size = _common_model(embeddings, new_runs, existing, storage_config)
-    if existing and not new_runs:
+    if existing and not new_runs and not deleted:
         return UpdateReport(index_uri, existing.meta.kind, len(existing), 0, 0, [], False, 0.0)
     new_files = outputs.committed_files(embeddings, "embeddings", storage_config, new_runs)
     grown = (len(existing) if existing else 0) + vectors.count_rows(new_files, storage_config)
+    sharded = existing is not None and existing.meta.kind == "ivfpq"
+    dim = existing.meta.dim if existing else _first_dim(new_files, storage_config)
+    params = choose(grown, dim, options.max_index_memory, options.exact_below, options.nprobe)
+    if sharded or params.kind == "ivfpq":
+        return _update_sharded(
+            embeddings,
+            index_uri,
+            existing,
+            runs,
+            new_runs,
+            spec,
+            size,
+            dim,
+            options,
+            deleted,
+            storage_config,
+            started,
+        )
     rebuild = existing is None or _needs_rebuild(existing.meta, grown, options)
     builder = _Builder(embeddings, index_uri, storage_config, options)
     if rebuild:
@@ -253,6 +297,61 @@ def update_index(
     )
     log.info("index %s: %s", index_uri, report)
     return report
+
+
+def _update_sharded(
+    embeddings: str,
+    index_uri: str,
+    existing,  # noqa: ANN001 - a SearchIndex or ShardedIndex
+    runs: list[str],
+    new_runs: list[str],
+    spec: str,
+    size: tuple[int, int],
+    dim: int,
+    options: IndexOptions,
+    deleted: set[str] | None,
+    storage_config: StorageConfig | None,
+    started: float,
+) -> UpdateReport:
+    """Build or update a compressed index (``bitray.search.build``)."""
+    from bitray.search.build import update_sharded
+
+    all_files = outputs.committed_files(embeddings, "embeddings", storage_config, runs)
+    count = vectors.count_rows(all_files, storage_config)
+    params = choose(count, dim, options.max_index_memory, 0, options.nprobe, compressed=True)
+    base = asdict(IndexMeta(embeddings, "", spec, size, dim, "ivfpq", [], 0, 0, ""))
+    meta, added, replaced, rebuilt = update_sharded(
+        embeddings,
+        index_uri,
+        asdict(existing.meta) if existing else None,
+        runs,
+        new_runs,
+        params,
+        seed=options.seed,
+        files_per_shard=options.files_per_shard,
+        deleted={_absolute(p) for p in deleted or ()},
+        address=options.address,
+        storage_config=storage_config,
+        base=base,
+    )
+    report = UpdateReport(
+        index_uri,
+        "ivfpq",
+        meta["count"],
+        added,
+        replaced,
+        [r for r in runs if r in new_runs],
+        rebuilt,
+        round(time.monotonic() - started, 3),
+    )
+    log.info("index %s: %s", index_uri, report)
+    return report
+
+
+def _first_dim(files: list[str], storage_config: StorageConfig | None) -> int:
+    for batch in vectors.read_batches(files[:1], ("embedding",), storage_config, batch_rows=1):
+        return batch.column(0).type.list_size
+    return 0
 
 
 def _needs_rebuild(meta: IndexMeta, grown: int, options: IndexOptions) -> bool:

@@ -62,25 +62,30 @@ def parse_memory(text: str | int) -> int:
 
 
 def choose(
-    count: int, dim: int, max_index_memory: int, exact_below: int, nprobe: int | None = None
+    count: int,
+    dim: int,
+    max_index_memory: int,
+    exact_below: int,
+    nprobe: int | None = None,
+    *,
+    compressed: bool = False,
 ) -> IndexParams:
-    """The parameters of an index of ``count`` ``dim``-d vectors under ``max_index_memory`` bytes."""
-    if count < exact_below:
+    """The parameters of an index of ``count`` ``dim``-d vectors under ``max_index_memory`` bytes
+    (``compressed``: an ``ivfpq`` one whatever fits, for an index that is compressed already)."""
+    if not compressed and count < exact_below:
         return IndexParams("flat", bytes_per_vector=4 * dim + ID_BYTES)
-    if count * (4 * dim + ID_BYTES + LIST_OVERHEAD) <= max_index_memory:
+    if not compressed and count * (4 * dim + ID_BYTES + LIST_OVERHEAD) <= max_index_memory:
         return IndexParams("ivf", bytes_per_vector=4 * dim + ID_BYTES)
-    per_vector = max_index_memory // max(count, 1) - ID_BYTES - LIST_OVERHEAD
+    per_vector = min(max_index_memory // max(count, 1) - ID_BYTES - LIST_OVERHEAD, 4 * dim)
     fitting = [m for m in PQ_SIZES if m <= per_vector]
-    if not fitting:
+    if not fitting or min(fitting) > min(dim, MAX_REDUCED):
         need = (min(PQ_SIZES) + ID_BYTES + LIST_OVERHEAD) * count
         raise BitrayError(
             f"--max-index-memory {max_index_memory} bytes cannot hold {count} vectors even at "
             f"{min(PQ_SIZES)} bytes each; give at least {need} bytes"
         )
-    pq_m = fitting[0]
-    reduced = min(dim, MAX_REDUCED, 4 * pq_m)
-    while pq_m > 1 and reduced % pq_m:
-        pq_m //= 2
+    pq_m = next(m for m in fitting if m <= min(dim, MAX_REDUCED))
+    reduced = min(dim, MAX_REDUCED, 4 * pq_m) // pq_m * pq_m  # PQ splits the reduced vector evenly
     train_size = min(count, TRAIN_MAX)
     nlist = max(1, min(int(2 * math.sqrt(count)), train_size // TRAIN_PER_CELL))
     probe = nprobe or max(16, round(0.05 * nlist))

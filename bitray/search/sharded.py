@@ -1,0 +1,185 @@
+"""A sharded, compressed index opened for queries without loading it whole.
+
+Shards are memory-mapped (``faiss.IO_FLAG_MMAP``) from the index directory, or from a local cache copy
+for an object-store index, when a query first needs them; each shard's rows (path, object version, file,
+row) are read when a result needs them. A query searches every shard (``nprobe`` cells each), skipping
+masked ids through an ``IDSelector``, and merges the top-k. ``rerank`` reads the exact vectors of that many
+candidates from the embedding Parquet (one row group per candidate's file) and re-orders them by exact
+cosine. The same class, given a subset of shard numbers, is what a search service actor holds.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bitray import storage
+from bitray.config import StorageConfig
+from bitray.errors import BitrayError
+from bitray.search import vectors
+from bitray.search.shards import shard_uri
+
+ROW_NAMES = ("path", "etag", "size", "mtime", "run_id", "width", "height")
+
+
+class ShardedIndex:
+    """The ``SearchIndex`` surface (``meta``, ``search``, ``rows_of``, ``id_of``, ``vectors_of``) over
+    shards."""
+
+    sharded = True
+
+    def __init__(
+        self, uri: str, meta, storage_config: StorageConfig | None = None, numbers: set[int] | None = None
+    ) -> None:  # noqa: ANN001 - an IndexMeta
+        import faiss
+
+        self.uri = uri
+        self.meta = meta
+        self.storage = storage_config
+        self.records = [s for s in meta.shards if numbers is None or s["number"] in numbers]
+        self._by_number = {s["number"]: s for s in meta.shards}
+        self._indices: dict[int, object] = {}
+        self._rows: dict[int, pa.Table] = {}
+        data = storage.read_bytes(storage.join(uri, meta.masked), storage_config) if meta.masked else None
+        self.masked = np.load(io.BytesIO(data)) if data else np.empty(0, np.int64)
+        self._selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.masked)) if len(self.masked) else None
+
+    def __len__(self) -> int:
+        return int(self.meta.count)
+
+    def warm(self) -> None:
+        for record in self.records:
+            self._index(record)
+            self._shard_rows(record["number"])
+
+    def search(
+        self, queries: np.ndarray, k: int, nprobe: int | None = None, rerank: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(similarities [q, k], ids [q, k])`` nearest first (cosine, approximate unless ``rerank``)."""
+        queries = vectors.normalise(queries)
+        if queries.shape[1] != self.meta.dim:
+            raise BitrayError(
+                f"query vectors have {queries.shape[1]} dimensions, index {self.uri!r} has {self.meta.dim}"
+            )
+        fetch = max(int(k), int(rerank))
+        parts = [self.search_shard(r, queries, fetch, nprobe) for r in self.records]
+        sims, ids = merge_top_k(parts, fetch, len(queries))
+        if rerank:
+            sims, ids = self._rerank(queries, ids)
+        return sims[:, :k], ids[:, :k]
+
+    def search_shard(self, record: dict, queries: np.ndarray, k: int, nprobe: int | None):  # noqa: ANN201
+        import faiss
+
+        ivf = faiss.SearchParametersIVF()
+        ivf.nprobe = int(nprobe or self.meta.nprobe or 16)
+        if self._selector is not None:
+            ivf.sel = self._selector
+        params = faiss.SearchParametersPreTransform()
+        params.index_params = ivf
+        distances, ids = self._index(record).search(queries, k, params=params)
+        sims = np.where(ids >= 0, 1.0 - distances / 2.0, -np.inf).astype(np.float32)
+        return sims, ids
+
+    def rows_of(self, ids: np.ndarray) -> pa.Table:
+        """The rows (path, object version, file, row) of ``ids``, in their order."""
+        ids = np.asarray(ids, np.int64)
+        if len(ids) == 0:
+            return self._shard_rows(self.records[0]["number"]).slice(0, 0) if self.records else pa.table({})
+        numbers, local = ids >> 32, ids & 0xFFFFFFFF
+        parts, order = [], []
+        for number in np.unique(numbers):
+            where = np.flatnonzero(numbers == number)
+            parts.append(self._shard_rows(int(number)).take(pa.array(local[where])))
+            order.append(where)
+        table = pa.concat_tables(parts)
+        return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+
+    def id_of(self, path: str) -> int | None:
+        """The live id of ``path``: reads the shards' rows until found."""
+        for record in reversed(self.meta.shards):
+            rows = self._shard_rows(record["number"])
+            hits = rows.filter(pa.compute.equal(rows.column("path"), path)).column("id").to_numpy()
+            hits = hits[~np.isin(hits, self.masked)]
+            if len(hits):
+                return int(hits[0])
+        return None
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """Exact unit vectors of ``ids`` from the embedding Parquet (one row group read per distinct one)."""
+        rows = self.rows_of(ids)
+        out = np.empty((len(ids), self.meta.dim), np.float32)
+        files, positions = rows.column("file").to_pylist(), rows.column("row").to_pylist()
+        wanted: dict[str, list[tuple[int, int]]] = {}
+        for i, (uri, row) in enumerate(zip(files, positions, strict=True)):
+            wanted.setdefault(uri, []).append((i, row))
+        for uri, items in wanted.items():
+            fs, path = storage.filesystem_for(uri, self.storage)
+            with fs.open_input_file(path) as handle:
+                parquet = pq.ParquetFile(handle)
+                starts = np.cumsum(
+                    [0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+                )
+                for group in sorted({int(np.searchsorted(starts, r, "right") - 1) for _, r in items}):
+                    column = parquet.read_row_group(group, columns=["embedding"]).column(0)
+                    block = vectors.to_vectors(column)
+                    for i, row in items:
+                        if starts[group] <= row < starts[group + 1]:
+                            out[i] = block[row - starts[group]]
+        return out
+
+    @property
+    def rows(self) -> pa.Table:
+        """Every live row (small indices and tools only: it reads all shards' rows)."""
+        table = pa.concat_tables([self._shard_rows(r["number"]) for r in self.records])
+        return table.filter(pa.array(~np.isin(table.column("id").to_numpy(), self.masked)))
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _index(self, record: dict):  # noqa: ANN202
+        import faiss
+
+        number = record["number"]
+        if number not in self._indices:
+            local = storage.copy_to_local(shard_uri(self.uri, record["name"], ".faiss"), self.storage)
+            self._indices[number] = faiss.read_index(str(local), faiss.IO_FLAG_MMAP)
+        return self._indices[number]
+
+    def _shard_rows(self, number: int) -> pa.Table:
+        if number not in self._rows:
+            name = self._by_number[number]["name"]
+            data = storage.read_bytes(shard_uri(self.uri, name, ".rows.parquet"), self.storage)
+            self._rows[number] = pq.read_table(io.BytesIO(data))
+        return self._rows[number]
+
+    def _rerank(self, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sims = np.full(ids.shape, -np.inf, np.float32)
+        for q in range(len(queries)):
+            live = ids[q] >= 0
+            exact = self.vectors_of(ids[q][live]) @ queries[q]
+            sims[q, : live.sum()] = exact
+            ids[q, : live.sum()] = ids[q][live]
+            ids[q, live.sum() :] = -1
+            order = np.argsort(-sims[q], kind="stable")
+            sims[q], ids[q] = sims[q][order], ids[q][order]
+        return sims, ids
+
+
+def merge_top_k(
+    parts: list[tuple[np.ndarray, np.ndarray]], k: int, queries: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best (highest similarity) of per-shard results ``[(sims [q, k'], ids [q, k'])...]``."""
+    if not parts:
+        return np.full((queries, k), -np.inf, np.float32), np.full((queries, k), -1, np.int64)
+    sims = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    sims, ids = np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
+    if sims.shape[1] < k:
+        pad = k - sims.shape[1]
+        sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    return sims, np.where(np.isfinite(sims), ids, -1)
