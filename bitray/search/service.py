@@ -40,10 +40,7 @@ class _ShardServer:
         self.index = _open(uri, self.numbers, storage_json)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None):  # noqa: ANN201
-        from bitray.search.sharded import merge_top_k
-
-        parts = [self.index.search_shard(r, queries, k, nprobe) for r in self.index.records]
-        return merge_top_k(parts, k, len(queries))
+        return self.index.search_codes(queries, k, nprobe)
 
     def rows_of(self, ids: np.ndarray) -> pa.Table:
         return self.index.rows_of(ids)

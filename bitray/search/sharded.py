@@ -42,6 +42,8 @@ class ShardedIndex:
         self.records = [s for s in meta.shards if numbers is None or s["number"] in numbers]
         self._by_number = {s["number"]: s for s in meta.shards}
         self._indices: dict[int, object] = {}
+        self._stacked = None
+        self._keep: list = []
         self._rows: dict[int, pa.Table] = {}
         data = storage.read_bytes(storage.join(uri, meta.masked), storage_config) if meta.masked else None
         self.masked = np.load(io.BytesIO(data)) if data else np.empty(0, np.int64)
@@ -51,9 +53,16 @@ class ShardedIndex:
         return int(self.meta.count)
 
     def warm(self) -> None:
+        self._index()
         for record in self.records:
-            self._index(record)
             self._shard_rows(record["number"])
+
+    @property
+    def code_size(self) -> int:
+        """Bytes of one vector's code in memory (plus 8 for its id)."""
+        import faiss
+
+        return int(faiss.extract_index_ivf(self._index()).code_size)
 
     def search(
         self, queries: np.ndarray, k: int, nprobe: int | None = None, rerank: int = 0
@@ -65,13 +74,13 @@ class ShardedIndex:
                 f"query vectors have {queries.shape[1]} dimensions, index {self.uri!r} has {self.meta.dim}"
             )
         fetch = max(int(k), int(rerank))
-        parts = [self.search_shard(r, queries, fetch, nprobe) for r in self.records]
-        sims, ids = merge_top_k(parts, fetch, len(queries))
+        sims, ids = self.search_codes(queries, fetch, nprobe)
         if rerank:
             sims, ids = self._rerank(queries, ids)
         return sims[:, :k], ids[:, :k]
 
-    def search_shard(self, record: dict, queries: np.ndarray, k: int, nprobe: int | None):  # noqa: ANN201
+    def search_codes(self, queries: np.ndarray, k: int, nprobe: int | None):  # noqa: ANN201
+        """Approximate ``(sims, ids)`` of unit ``queries`` over this object's shards, masked ids skipped."""
         import faiss
 
         ivf = faiss.SearchParametersIVF()
@@ -80,7 +89,7 @@ class ShardedIndex:
             ivf.sel = self._selector
         params = faiss.SearchParametersPreTransform()
         params.index_params = ivf
-        distances, ids = self._index(record).search(queries, k, params=params)
+        distances, ids = self._index().search(queries, k, params=params)
         sims = np.where(ids >= 0, 1.0 - distances / 2.0, -np.inf).astype(np.float32)
         return sims, ids
 
@@ -139,14 +148,30 @@ class ShardedIndex:
 
     # -- internals ---------------------------------------------------------------------------------------
 
-    def _index(self, record: dict):  # noqa: ANN202
+    def _index(self):  # noqa: ANN202
+        """The quantiser, once, over the inverted lists of every shard stacked (``HStackInvertedLists``):
+        one coarse assignment per query, and the shards' own copies of the quantiser are dropped."""
         import faiss
 
-        number = record["number"]
-        if number not in self._indices:
-            local = storage.copy_to_local(shard_uri(self.uri, record["name"], ".faiss"), self.storage)
-            self._indices[number] = faiss.read_index(str(local), faiss.IO_FLAG_MMAP)
-        return self._indices[number]
+        if self._stacked is None:
+            data = storage.read_bytes(storage.join(self.uri, self.meta.template), self.storage)
+            index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+            lists = faiss.InvertedListsPtrVector()
+            for record in self.records:
+                local = storage.copy_to_local(shard_uri(self.uri, record["name"], ".faiss"), self.storage)
+                shard = faiss.read_index(str(local), faiss.IO_FLAG_MMAP)
+                ivf = faiss.extract_index_ivf(shard)
+                ivf.own_invlists = False  # the lists outlive their shard's index object
+                self._keep.append(ivf.invlists)
+                lists.push_back(ivf.invlists)
+                del shard
+            stacked = faiss.HStackInvertedLists(lists.size(), lists.data())
+            self._keep.append(stacked)
+            ivf = faiss.extract_index_ivf(index)
+            ivf.replace_invlists(stacked, False)
+            ivf.ntotal = index.ntotal = sum(r["count"] for r in self.records)
+            self._stacked = index
+        return self._stacked
 
     def _shard_rows(self, number: int) -> pa.Table:
         if number not in self._rows:
