@@ -171,7 +171,7 @@ def test_incremental_add_change_delete_and_retrain_policy(built, tmp_path):
     loaded = load_index(str(index))
     assert loaded.meta.template == index_json["template"]  # not retrained
     assert [s["number"] for s in loaded.meta.shards] == [0, 1, 2, 3, 4]
-    assert len(list(index.glob("masked-*.npy"))) == 1  # the previous generation's mask was dropped
+    assert len(list(index.glob("masked-*.npy"))) == 2  # this generation's and the previous one's
     paths = loaded.rows.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == report.count and not deleted & set(paths)
     runs = dict(zip(paths, loaded.rows.column("run_id").to_pylist(), strict=True))

@@ -15,6 +15,7 @@ import numpy as np
 from bitray import outputs, storage
 from bitray.config import StorageConfig
 from bitray.search import shards, vectors
+from bitray.search.commit import CommitConflict
 from bitray.search.params import IndexParams
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def update_sharded(
         train_error=round(error, 6),
         shards=[{k: r[k] for k in ("name", "number", "run", "count", "error")} for r in kept + records],
         masked=masked_name,
+        previous_masked=existing.get("masked") if sharded else None,
         model_id=models.pop() if models else meta.get("model_id", ""),
     )
     meta["updated"] = generation
@@ -148,7 +150,12 @@ def _load_masked(index_uri: str, meta: dict, storage_config: StorageConfig | Non
 
     if not meta.get("masked"):
         return np.empty(0, np.int64)
-    return np.load(io.BytesIO(storage.read_bytes(storage.join(index_uri, meta["masked"]), storage_config)))
+    data = storage.read_if_exists(storage.join(index_uri, meta["masked"]), storage_config)
+    if data is None:
+        raise CommitConflict(
+            f"{index_uri} moved on two generations while this update began; run bitray index again"
+        )
+    return np.load(io.BytesIO(data))
 
 
 def _drop_previous(index_uri: str, old: dict | None, new: dict, storage_config: StorageConfig | None) -> None:
@@ -164,6 +171,7 @@ def _drop_previous(index_uri: str, old: dict | None, new: dict, storage_config: 
         if shard["name"] not in keep:
             for uri in shards.shard_files(index_uri, shard["name"]):
                 storage.delete(uri, storage_config)
-    for name in (old.get("masked"), old.get("template")):
-        if name and name not in (new.get("masked"), new.get("template")):
+    # the previous mask stays one more generation: a reader or an update that began from it can finish
+    for name in (old.get("previous_masked"), old.get("template")):
+        if name and name not in (new.get("masked"), new.get("previous_masked"), new.get("template")):
             storage.delete(storage.join(index_uri, name), storage_config)

@@ -102,6 +102,7 @@ class IndexMeta:
     train_error: float | None = None
     shards: list[dict] | None = None
     masked: str | None = None
+    previous_masked: str | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2).encode()
