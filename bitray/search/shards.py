@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import resource
 import signal
 import time
 import uuid
@@ -143,6 +144,7 @@ def build_shard(index_uri: str, template: str, job: ShardJob, storage_config: St
     held = storage.read_if_exists(record_uri, storage_config)
     if held is not None:
         return json.loads(held)
+    started = time.monotonic()
     index = faiss.deserialize_index(
         np.frombuffer(storage.read_bytes(storage.join(index_uri, template), storage_config), np.uint8)
     )
@@ -183,6 +185,8 @@ def build_shard(index_uri: str, template: str, job: ShardJob, storage_config: St
         "count": local,
         "models": sorted(models),
         "error": round(error, 6),
+        "seconds": round(time.monotonic() - started, 3),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,  # this worker's, so far
     }
     storage.write_bytes(record_uri, json.dumps(record).encode(), storage_config)
     return record
