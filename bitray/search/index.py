@@ -12,8 +12,20 @@ never wrong. From there, ``IndexIVFFlat``: k-means cells (``nlist = 2 sqrt(n)``)
 ``nprobe`` nearest cells with exact inner products, so recall is set by ``nprobe`` alone and vectors keep
 full precision (no PQ error to refine away). It supports ``remove_ids`` and adding without retraining.
 HNSW was rejected: it cannot remove vectors, and its build on 2,048-d vectors is far slower than IVF's.
-IVF-Flat keeps every vector in memory (8 KiB each at 2,048-d: 1.6 GB for 200k); at tens of millions,
-IVF-PQ with a refine stage would be the next step. Vectors are L2-normalised, so inner product is cosine.
+IVF-Flat keeps every vector in memory (8 KiB each at 2,048-d: 1.6 GB for 200k), so it is used only while
+it fits ``--max-index-memory`` (2 GiB by default). Vectors are L2-normalised, so inner product is cosine.
+
+**At bucket scale** (``ivfpq``, issue 17): past the budget the index is compressed and sharded
+(``bitray.search.params`` chooses ``PCAR<d>,IVF<n>,PQ<m>`` from the count and the budget: 136 bytes a
+vector with its id at most, 12.7 GiB for 100M), built by Ray tasks one file group each
+(``bitray.search.shards``, ``bitray.search.build``), committed by compare-and-swap of ``index.json``
+(``bitray.search.commit``), opened without loading it whole (``bitray.search.sharded``) and served by Ray
+actors (``bitray.search.service``). Still faiss: its IVF-PQ, PCA rotation, ``IDSelector`` masks and
+``HStackInvertedLists`` do all of it; the code here only cuts files into shards and commits them.
+autofaiss (parameter choice under a memory budget) is reproduced by ``params.choose`` rather than
+depended on: it pins its own faiss and drives PySpark for distributed builds, where bitray has Ray. Lance
+(``pylance``/``lance-ray``) would bring a second storage format beside our Parquet. Neither was measured
+on this machine (the 2-core host was shared and loaded 20x); the figures of faiss are in the README.
 
 **Incremental.** The index records the finished runs it covers. ``update_index`` adds the rows of newer
 finished runs only; a path they embed again (the object changed) has its old vector removed first. The
@@ -27,8 +39,10 @@ past 4x the vectors its cells were trained on.
     rows-<generation>.parquet   id, path, etag, size, mtime, run_id, width, height of every vector
 
 Each update writes a new generation and then ``index.json``; readers only follow ``index.json``, so they
-never see a half-written index. Two updates of one index at once: the last to write ``index.json`` wins
-(and the other's files stay behind as orphans).
+never see a half-written index. A compressed index keeps ``trained-<key>.faiss``, ``shards/<name>.*`` and
+``masked-<generation>.npy`` instead (see ``bitray.search.shards``), and two updates of it at once end
+with one committed and the other failed with its files removed; for the flat and IVF-Flat kinds the last
+to write ``index.json`` still wins.
 """
 
 from __future__ import annotations
