@@ -286,3 +286,15 @@ def test_duplicates_on_the_compressed_index_match_exact_search(built, tmp_path):
     exact = dict(zip(table.column("path").to_pylist(), table.column("exact").to_pylist(), strict=True))
     assert exact[PATHS[1]] or exact[PATHS[0]]
     pq.write_table(table, tmp_path / "d.parquet")
+
+
+def test_cli_refuses_a_bad_budget_and_a_missing_deleted_file(tmp_path, capsys):
+    from bitray.cli import main
+
+    assert main(["index", "--embeddings", str(tmp_path), "--max-index-memory", "lots"]) == 2
+    assert "--max-index-memory 'lots': give a size such as 4G" in capsys.readouterr().err
+    assert main(["index", "--embeddings", str(tmp_path), "--deleted", str(tmp_path / "gone.txt")]) == 2
+    assert "is not a file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["search-service", "--help"])
+    assert info.value.code == 0

@@ -118,6 +118,12 @@ def run_index(args: argparse.Namespace) -> int:
     if args.deleted:
         from pathlib import Path
 
+        from bitray.errors import BitrayError
+
+        if not Path(args.deleted).is_file():
+            raise BitrayError(
+                f"--deleted {args.deleted!r} is not a file; give a text file of paths, one a line"
+            )
         deleted = {line.strip() for line in Path(args.deleted).read_text().splitlines() if line.strip()}
     report = update_index(args.embeddings, args.index, options=options, deleted=deleted)
     print(json.dumps(report.to_dict(), indent=2))
