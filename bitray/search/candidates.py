@@ -29,7 +29,7 @@ def candidate_index(index: ShardedIndex, threshold: float, nprobe: int | None = 
     held: dict[int, np.ndarray] = {}
     wanted: set[int] = set()
     for record in index.records:
-        rows = index._shard_rows(record["number"])
+        rows = index.shard_rows(record["number"])
         all_ids = rows.column("id").to_numpy()
         files = rows.column("file").to_pylist()
         start = 0

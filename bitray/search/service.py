@@ -60,7 +60,7 @@ class _Coordinator:
     def reload(self) -> str:
         import ray
 
-        meta = _open(self.uri, None, self.storage_json).meta
+        meta = _open(self.uri, None, self.storage_json, warm=False).meta
         numbers = [s["number"] for s in meta.shards]
         groups = [numbers[i :: self.actors] for i in range(min(self.actors, len(numbers)))]
         server = ray.remote(_ShardServer).options(num_cpus=1, scheduling_strategy="SPREAD")
@@ -205,7 +205,7 @@ class SearchService:
         ray.kill(self.handle)
 
 
-def _open(uri: str, numbers: set[int] | None, storage_json: str):  # noqa: ANN202
+def _open(uri: str, numbers: set[int] | None, storage_json: str, warm: bool = True):  # noqa: ANN202
     from bitray.search.index import load_index
     from bitray.search.sharded import ShardedIndex
 
@@ -215,5 +215,6 @@ def _open(uri: str, numbers: set[int] | None, storage_json: str):  # noqa: ANN20
         raise BitrayError(f"index {uri!r} is {index.meta.kind}: a search service serves compressed indices")
     if numbers is not None:
         index = ShardedIndex(uri, index.meta, config, numbers)
-    index.warm()
+    if warm:
+        index.warm()
     return index

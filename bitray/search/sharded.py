@@ -22,8 +22,6 @@ from bitray.errors import BitrayError
 from bitray.search import vectors
 from bitray.search.shards import shard_uri
 
-ROW_NAMES = ("path", "etag", "size", "mtime", "run_id", "width", "height")
-
 
 class ShardedIndex:
     """The ``SearchIndex`` surface (``meta``, ``search``, ``rows_of``, ``id_of``, ``vectors_of``) over
@@ -45,6 +43,7 @@ class ShardedIndex:
         self._stacked = None
         self._keep: list = []
         self._rows: dict[int, pa.Table] = {}
+        self._files: dict[int, pq.ParquetFile] = {}
         data = storage.read_bytes(storage.join(uri, meta.masked), storage_config) if meta.masked else None
         self.masked = np.load(io.BytesIO(data)) if data else np.empty(0, np.int64)
         self._selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.masked)) if len(self.masked) else None
@@ -53,9 +52,10 @@ class ShardedIndex:
         return int(self.meta.count)
 
     def warm(self) -> None:
+        """Map the codes and open the rows files (their footers), so the first query pays no loading."""
         self._index()
         for record in self.records:
-            self._shard_rows(record["number"])
+            self._rows_file(record["number"])
 
     @property
     def code_size(self) -> int:
@@ -97,20 +97,28 @@ class ShardedIndex:
         """The rows (path, object version, file, row) of ``ids``, in their order."""
         ids = np.asarray(ids, np.int64)
         if len(ids) == 0:
-            return self._shard_rows(self.records[0]["number"]).slice(0, 0) if self.records else pa.table({})
+            return self.shard_rows(self.records[0]["number"]).slice(0, 0) if self.records else pa.table({})
         numbers, local = ids >> 32, ids & 0xFFFFFFFF
         parts, order = [], []
         for number in np.unique(numbers):
             where = np.flatnonzero(numbers == number)
-            parts.append(self._shard_rows(int(number)).take(pa.array(local[where])))
+            handle = self._rows_file(int(number))
+            meta = handle.metadata
+            starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+            groups = np.searchsorted(starts, local[where], "right") - 1
+            wanted = np.unique(groups)
+            table = handle.read_row_groups([int(g) for g in wanted])
+            offsets = np.cumsum([0] + [int(starts[g + 1] - starts[g]) for g in wanted])
+            positions = offsets[np.searchsorted(wanted, groups)] + local[where] - starts[groups]
+            parts.append(table.take(pa.array(positions)))
             order.append(where)
         table = pa.concat_tables(parts)
         return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
     def id_of(self, path: str) -> int | None:
         """The live id of ``path``: reads the shards' rows until found."""
-        for record in reversed(self.meta.shards):
-            rows = self._shard_rows(record["number"])
+        for record in reversed(self.records):
+            rows = self.shard_rows(record["number"])
             hits = rows.filter(pa.compute.equal(rows.column("path"), path)).column("id").to_numpy()
             hits = hits[~np.isin(hits, self.masked)]
             if len(hits):
@@ -143,7 +151,7 @@ class ShardedIndex:
     @property
     def rows(self) -> pa.Table:
         """Every live row (small indices and tools only: it reads all shards' rows)."""
-        table = pa.concat_tables([self._shard_rows(r["number"]) for r in self.records])
+        table = pa.concat_tables([self.shard_rows(r["number"]) for r in self.records])
         return table.filter(pa.array(~np.isin(table.column("id").to_numpy(), self.masked)))
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -173,7 +181,17 @@ class ShardedIndex:
             self._stacked = index
         return self._stacked
 
-    def _shard_rows(self, number: int) -> pa.Table:
+    def _rows_file(self, number: int) -> pq.ParquetFile:
+        """The shard's rows file (a local cache copy of an object-store index), read a row group at a time."""
+        if number not in self._files:
+            name = self._by_number[number]["name"]
+            self._files[number] = pq.ParquetFile(
+                storage.copy_to_local(shard_uri(self.uri, name, ".rows.parquet"), self.storage)
+            )
+        return self._files[number]
+
+    def shard_rows(self, number: int) -> pa.Table:
+        """All rows of one shard (duplicates, masking, lookup by path), kept for the next call."""
         if number not in self._rows:
             name = self._by_number[number]["name"]
             data = storage.read_bytes(shard_uri(self.uri, name, ".rows.parquet"), self.storage)

@@ -69,6 +69,8 @@ SHARD_ROWS_SCHEMA = pa.schema(
 )
 KILL_ENV = "BITRAY_TEST_INDEX_KILL_AFTER"
 """Tests only: the driver kills itself once this many shard tasks have finished."""
+ROWS_GROUP = 4096
+"""Rows per row group of a shard's rows file: a query reads the groups of its results only."""
 CRASH_ENV = "BITRAY_TEST_SHARD_CRASH"
 """Tests only: a marker path; the task of shard number 1 exits once (creating it) before its commit."""
 
@@ -169,7 +171,7 @@ def build_shard(index_uri: str, template: str, job: ShardJob, storage_config: St
         os._exit(3)
     rows = pa.concat_tables(tables) if tables else SHARD_ROWS_SCHEMA.empty_table()
     buffer = pa.BufferOutputStream()
-    pq.write_table(rows, buffer)
+    pq.write_table(rows, buffer, row_group_size=ROWS_GROUP)
     storage.write_bytes(
         shard_uri(index_uri, job.name, ".rows.parquet"), buffer.getvalue().to_pybytes(), storage_config
     )
