@@ -7,8 +7,8 @@ Three kinds, the most exact one that fits ``max_index_memory`` bytes:
 - ``ivfpq``: sharded and compressed (``bitray.search.shards``). Vectors are L2-normalised, rotated and
   reduced by PCA (``PCAR``, to ``reduced`` = 2 x code bytes dims: embeddings keep most of their variance
   in a few hundred directions), assigned to ``nlist`` cells and product-quantised to ``pq_m`` bytes (8 bits
-  per code). The code size is the largest of ``PQ_SIZES`` that fits ``budget / count`` after the 8-byte id and the
-  inverted-list overhead, capped at 128: 136 bytes per vector with ids, 12.7 GiB for 100M (<= 160 B/vector).
+  per code). The code size is the largest of ``PQ_SIZES`` that fits ``budget / count`` after the 8-byte
+  id and the inverted-list overhead, capped at 128: 136 bytes a vector with ids, 12.7 GiB for 100M.
   The metric is L2 (on unit vectors L2 ranks exactly as cosine; PCA centres the data, which would change
   inner-product rankings but not L2 ones); similarity = 1 - d^2 / 2.
 
