@@ -3,6 +3,7 @@
 
     python bench/search_bench.py                        # 200,000 x 2048, the issue's size
     python bench/search_bench.py --n 20000 --dim 256    # smoke run, seconds
+    python bench/search_bench.py --scale /tmp/scale --n 200000 --nprobe 16 64   # issue 17's scale mode
 
 Data: synthetic clustered vectors, like embeddings of a photo collection: ``--clusters`` centres drawn
 N(0, I/dim), each vector a centre plus N(0, sigma^2 I/dim) noise (sigma 2, the default: a vector's cosine
@@ -48,6 +49,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nprobe", type=int, nargs="*", default=[8, 55, 256], help="more nprobe to report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument(
+        "--scale",
+        metavar="DIR",
+        help="scale mode: write an embedding output of --n vectors under DIR (Parquet, 8,192 rows a file), "
+        "build the compressed index on Ray, measure it (see scale_main)",
+    )
+    p.add_argument(
+        "--generator",
+        choices=("realistic", "isotropic"),
+        default="realistic",
+        help="scale mode's vectors: low-rank, uneven, non-negative (realistic) or the clustered isotropic "
+        "ones of the default mode (isotropic)",
+    )
+    p.add_argument(
+        "--max-index-memory",
+        metavar="SIZE",
+        help="scale mode's budget (default 160 bytes a vector: the issue's 100M-in-16-GB ratio)",
+    )
+    p.add_argument("--rerank", type=int, default=50, help="scale mode: candidates re-ranked exactly")
     return p.parse_args(argv)
 
 
@@ -223,5 +243,165 @@ def _fresh_queries(args: argparse.Namespace) -> np.ndarray:
     return block / np.linalg.norm(block, axis=1, keepdims=True)
 
 
+def scale_main(args: argparse.Namespace) -> dict:
+    """Scale mode: an output written like a real one, the compressed index built on Ray with the same
+    functions ``bitray index`` uses, and the issue's figures: build time and peak RSS per process (driver,
+    which trains; each Ray worker that encoded shards), bytes per vector (memory: code + id; disk), recall@10
+    against exact brute force (computed while the vectors are generated) on ``--queries`` fresh queries,
+    with and without exact re-ranking, p50/p99 latency through a warm ``SearchService`` and through a cold
+    ``bitray search`` process, and a linear projection to 100M vectors."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray
+
+    from bitray.search.index import IndexOptions, load_index, update_index
+    from bitray.search.params import parse_memory
+    from bitray.search.service import SearchService
+    from bitray.search.synthetic import Realistic, write_run
+
+    root = Path(args.scale)
+    shutil.rmtree(root, ignore_errors=True)
+    out, index_uri = root / "out", str(root / "index")
+    rng = np.random.default_rng(args.seed)
+    if args.generator == "realistic":
+        generator = Realistic(args.dim, clusters=args.clusters, seed=args.seed)
+        queries, _ = generator.draw(args.queries, np.random.default_rng(args.seed + 10_000))
+    else:  # the default mode's vectors and queries, exactly
+        everything, _ = clustered(args.n, args.dim, args.clusters, args.sigma, args.seed)
+        queries = _fresh_queries(args)
+    best_sims = np.full((len(queries), args.k), -np.inf, np.float32)
+    best_ids = np.full((len(queries), args.k), -1, np.int64)
+    paths: list[str] = []
+
+    def batches():  # noqa: ANN202 - generated file by file; exact top-k kept as they go
+        nonlocal best_sims, best_ids
+        for start in range(0, args.n, 8192):
+            count = min(8192, args.n - start)
+            if args.generator == "realistic":
+                x, _ = generator.draw(count, rng)
+            else:
+                x = everything[start : start + count]
+            names = [f"s3://photos/{i:09d}.jpg" for i in range(start, start + count)]
+            paths.extend(names)
+            sims = np.concatenate([best_sims, queries @ x.T], axis=1)
+            ids = np.concatenate(
+                [best_ids, np.broadcast_to(np.arange(start, start + count), (len(queries), count))], axis=1
+            )
+            top = np.argpartition(-sims, args.k, axis=1)[:, : args.k]
+            best_sims, best_ids = np.take_along_axis(sims, top, 1), np.take_along_axis(ids, top, 1)
+            yield names, x
+
+    started = time.perf_counter()
+    write_run(str(out), "scale", batches())
+    written = time.perf_counter() - started
+    print(f"wrote {args.n} vectors in {written:.0f} s", flush=True)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    budget = parse_memory(args.max_index_memory) if args.max_index_memory else 160 * args.n
+    with PeakRss() as memory:
+        started = time.perf_counter()
+        report = update_index(str(out), index_uri, options=IndexOptions(max_index_memory=budget))
+        build = time.perf_counter() - started
+    index = load_index(index_uri)
+    records = [
+        json.loads((root / "index" / "shards" / f"{s['name']}.json").read_text()) for s in index.meta.shards
+    ]
+    disk = sum(p.stat().st_size for p in (root / "index").rglob("*") if p.is_file())
+    truth = [set(row) for row in best_ids]
+    row_of = {p: i for i, p in enumerate(paths)}
+
+    def recall_of(ids: np.ndarray) -> float:
+        got = index.rows_of(ids.ravel()).column("path").to_pylist()
+        found = np.array([row_of[p] for p in got]).reshape(ids.shape)
+        return float(np.mean([len(set(f) & t) / args.k for f, t in zip(found, truth, strict=True)]))
+
+    figures: dict = {
+        "n": args.n,
+        "dim": args.dim,
+        "generator": args.generator,
+        "budget_bytes": budget,
+        "factory": index.meta.factory,
+        "nprobe": index.meta.nprobe,
+        "shards": len(records),
+        "write_seconds": round(written, 1),
+        "build_seconds": round(build, 1),
+        "driver_peak_rss_gib": round(memory.peak / 2**30, 2),
+        "worker_peak_rss_gib": round(max(r["peak_rss_mb"] for r in records) / 1024, 2),
+        "task_seconds": round(sum(r["seconds"] for r in records), 1),
+        "memory_bytes_per_vector": index.code_size + 8,
+        "disk_bytes_per_vector": round(disk / args.n, 1),
+        "report": report.to_dict(),
+    }
+    _, found = index.search(queries, args.k)
+    figures["recall_at_10"] = round(recall_of(found), 4)
+    for nprobe in args.nprobe:
+        figures[f"recall_at_10_nprobe_{nprobe}"] = round(
+            recall_of(index.search(queries, args.k, nprobe)[1]), 4
+        )
+    sample = queries[: min(20, len(queries))]
+    started = time.perf_counter()
+    _, found = index.search(sample, args.k, rerank=args.rerank)
+    figures["rerank_ms_per_query"] = round((time.perf_counter() - started) * 1000 / len(sample), 1)
+    figures[f"recall_at_10_rerank_{args.rerank}"] = round(
+        float(
+            np.mean(
+                [
+                    len(set(f) & t) / args.k
+                    for f, t in zip(
+                        np.array(
+                            [row_of[p] for p in index.rows_of(found.ravel()).column("path").to_pylist()]
+                        ).reshape(found.shape),
+                        truth[: len(sample)],
+                        strict=True,
+                    )
+                ]
+            )
+        ),
+        4,
+    )
+    figures["in_process"] = latencies(lambda q: index.search(q, args.k), queries[: args.latency_queries])
+    service = SearchService.start(index_uri, actors=max(1, min(len(records), (os.cpu_count() or 2))))
+    figures["warm_service"] = latencies(lambda q: service.search(q, args.k), queries[: args.latency_queries])
+    service.stop()
+    times = []
+    for i in range(5):
+        started = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bitray",
+                "search",
+                "--index",
+                index_uri,
+                "--path",
+                paths[i * 7],
+                "--json",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        times.append(time.perf_counter() - started)
+    figures["cold_cli_seconds"] = {"p50": round(float(np.median(times)), 2), "max": round(max(times), 2)}
+    scale = 100_000_000 / args.n
+    figures["projection_100m"] = {
+        "memory_gib": round(100_000_000 * (index.code_size + 8) / 2**30, 1),
+        "shards": int(np.ceil(100_000_000 / (8192 * 16))),
+        "encode_core_hours": round(figures["task_seconds"] * scale / 3600, 1),
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    ray.shutdown()
+    return figures
+
+
 if __name__ == "__main__":
-    main()
+    arguments = parse_args()
+    if arguments.scale:
+        scale_main(arguments)
+    else:
+        main()

@@ -26,6 +26,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument(
         "--nprobe", type=positive_int, metavar="N", help="IVF cells a query scans (default 15%%, >= 16)"
     )
+    index.add_argument(
+        "--max-index-memory",
+        metavar="SIZE",
+        help="memory the index may take, e.g. 16G (2G): IVF-Flat while it fits, compressed IVF-PQ from there",
+    )
+    index.add_argument(
+        "--files-per-shard", type=positive_int, metavar="N", help="embedding files per shard (16)"
+    )
+    index.add_argument(
+        "--deleted", metavar="FILE", help="text file of object paths that are gone (one a line): masked"
+    )
+    index.add_argument("--address", metavar="ADDR", help="Ray cluster of a compressed build (RAY_ADDRESS)")
     index.set_defaults(func=run_index)
 
     search = subparsers.add_parser(
@@ -49,8 +61,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--nprobe", type=positive_int, metavar="N", help="IVF cells to scan (default: the index's)"
     )
     search.add_argument("--sheet", metavar="OUT.png", help="also write a contact sheet of query and results")
+    search.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster running the index's search service (bitray search-service)",
+    )
     search.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     search.set_defaults(func=run_search)
+
+    service = subparsers.add_parser(
+        "search-service",
+        help="start (or stop) the Ray search service of a compressed index",
+        description="Start detached Ray actors holding the index's shards warm; bitray search --address "
+        "then answers from them. Prints the service's generation, shards and actors.",
+    )
+    service.add_argument("--index", required=True, metavar="URI")
+    service.add_argument("--address", metavar="ADDR", help="Ray cluster (default RAY_ADDRESS, else local)")
+    service.add_argument(
+        "--actors", type=positive_int, default=1, metavar="N", help="shard-holding actors (1)"
+    )
+    service.add_argument("--reload", action="store_true", help="follow index.json after an update")
+    service.add_argument("--stop", action="store_true", help="stop the running service")
+    service.set_defaults(func=run_service)
 
     duplicates = subparsers.add_parser(
         "duplicates",
@@ -95,11 +127,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     """``bitray index --embeddings s3://bucket/emb --index s3://bucket/emb-index``"""
-    from bitray.search.index import EXACT_BELOW, IndexOptions, update_index
+    from bitray.search.index import IndexOptions, update_index
+    from bitray.search.params import parse_memory
 
-    exact_below = EXACT_BELOW if args.exact_below is None else args.exact_below
-    options = IndexOptions(exact_below=exact_below, nprobe=args.nprobe)
-    report = update_index(args.embeddings, args.index, options=options)
+    defaults = IndexOptions()
+    options = IndexOptions(
+        exact_below=defaults.exact_below if args.exact_below is None else args.exact_below,
+        nprobe=args.nprobe,
+        max_index_memory=parse_memory(args.max_index_memory or defaults.max_index_memory),
+        files_per_shard=args.files_per_shard or defaults.files_per_shard,
+        address=args.address,
+    )
+    deleted = None
+    if args.deleted:
+        from pathlib import Path
+
+        from bitray.errors import BitrayError
+
+        if not Path(args.deleted).is_file():
+            raise BitrayError(
+                f"--deleted {args.deleted!r} is not a file; give a text file of paths, one a line"
+            )
+        deleted = {line.strip() for line in Path(args.deleted).read_text().splitlines() if line.strip()}
+    report = update_index(args.embeddings, args.index, options=options, deleted=deleted)
     print(json.dumps(report.to_dict(), indent=2))
     return 0
 
@@ -111,7 +161,8 @@ def run_search(args: argparse.Namespace) -> int:
     from bitray.search.scope import IndexReads
     from bitray.search.sheet import contact_sheet, write_png
 
-    index = load_index(args.index)
+    index = _service(args.index, args.address) if args.address else None
+    index = index or load_index(args.index)
     results = search(index, image=args.image, path=args.path, k=args.k, nprobe=args.nprobe)
     if args.json:
         for row in results.select(["rank", "path", "similarity"]).to_pylist():
@@ -125,6 +176,40 @@ def run_search(args: argparse.Namespace) -> int:
         reads = IndexReads.of_output(index.meta.embeddings).allow(*([args.image] if args.image else []))
         write_png(contact_sheet(sheet_items(args.image or args.path, results), read=reads.read), args.sheet)
         print(f"bitray: contact sheet in {args.sheet}", file=sys.stderr)
+    return 0
+
+
+def _service(index_uri: str, address: str):  # noqa: ANN202
+    """The running search service of ``index_uri`` on the cluster at ``address``, or None (told)."""
+    from bitray.ray_session import connect
+    from bitray.search.service import SearchService
+
+    connect(address)
+    service = SearchService.connect(index_uri.rstrip("/"))
+    if service is None:
+        print(
+            f"bitray: no search service of {index_uri} at {address}; loading the index here", file=sys.stderr
+        )
+    return service
+
+
+def run_service(args: argparse.Namespace) -> int:
+    """``bitray search-service --index s3://bucket/emb/_index --actors 4`` (``--stop`` to stop it)"""
+    from bitray.ray_session import connect
+    from bitray.search.service import SearchService
+
+    connect(args.address)
+    service = SearchService.connect(args.index.rstrip("/"))
+    if args.stop:
+        if service is not None:
+            service.stop()
+        print(f"bitray: search service of {args.index} {'stopped' if service else 'was not running'}")
+        return 0
+    if service is not None and args.reload:
+        service.reload()
+    service = service or SearchService.start(args.index.rstrip("/"), actors=args.actors)
+    info = {k: v for k, v in service.info.items() if k != "meta"}
+    print(json.dumps({"index": args.index, **info}))
     return 0
 
 

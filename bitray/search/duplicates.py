@@ -60,6 +60,10 @@ def find_duplicates(
     options = options or DuplicateOptions()
     if not -1.0 <= options.threshold <= 1.0:
         raise BitrayError(f"--threshold {options.threshold}: a cosine similarity lies between -1 and 1")
+    if getattr(index, "sharded", False):  # compressed: candidates from the index, confirmed exactly
+        from bitray.search.candidates import candidate_index
+
+        index = candidate_index(index, options.threshold, options.nprobe)
     ids = index.rows.column("id").to_numpy()
     pairs = _pairs(index, ids, options)
     groups = _components(pairs)

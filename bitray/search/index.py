@@ -12,8 +12,23 @@ never wrong. From there, ``IndexIVFFlat``: k-means cells (``nlist = 2 sqrt(n)``)
 ``nprobe`` nearest cells with exact inner products, so recall is set by ``nprobe`` alone and vectors keep
 full precision (no PQ error to refine away). It supports ``remove_ids`` and adding without retraining.
 HNSW was rejected: it cannot remove vectors, and its build on 2,048-d vectors is far slower than IVF's.
-IVF-Flat keeps every vector in memory (8 KiB each at 2,048-d: 1.6 GB for 200k); at tens of millions,
-IVF-PQ with a refine stage would be the next step. Vectors are L2-normalised, so inner product is cosine.
+IVF-Flat keeps every vector in memory (8 KiB each at 2,048-d: 1.6 GB for 200k), so it is used only while
+it fits ``--max-index-memory`` (2 GiB by default). Vectors are L2-normalised, so inner product is cosine.
+
+**At bucket scale** (``ivfpq``, issue 17): past the budget the index is compressed and sharded
+(``bitray.search.params`` chooses ``PCAR<d>,IVF<n>,PQ<m>`` from the count and the budget: 136 bytes a
+vector with its id at most, 12.7 GiB for 100M), built by Ray tasks one file group each
+(``bitray.search.shards``, ``bitray.search.build``), committed by compare-and-swap of ``index.json``
+(``bitray.search.commit``), opened without loading it whole (``bitray.search.sharded``) and served by Ray
+actors (``bitray.search.service``). Still faiss: its IVF-PQ, PCA rotation, ``IDSelector`` masks and
+``HStackInvertedLists`` do all of it; the code here only cuts files into shards and commits them.
+autofaiss (parameter choice under a memory budget) is reproduced by ``params.choose`` rather than
+depended on: it pins its own faiss and drives PySpark for distributed builds, where bitray has Ray. Lance
+(``pylance``/``lance-ray``) would bring a second storage format beside our Parquet. Neither was measured
+on this machine (the 2-core host was shared and loaded 20x). Measured with faiss at 200k realistic 2048-d
+vectors (``bench/search_bench.py --scale``, 136 B a vector): ``PCAR256,IVF840,PQ128`` recall@10 0.901
+(1.000 re-ranking 50 from the Parquet), ``PCAR512,...,PQ128`` 0.851; ``OPQ128_512`` did not finish
+training within 5 minutes there. Polysemous training is switched off: it was most of PQ's training time.
 
 **Incremental.** The index records the finished runs it covers. ``update_index`` adds the rows of newer
 finished runs only; a path they embed again (the object changed) has its old vector removed first. The
@@ -27,8 +42,10 @@ past 4x the vectors its cells were trained on.
     rows-<generation>.parquet   id, path, etag, size, mtime, run_id, width, height of every vector
 
 Each update writes a new generation and then ``index.json``; readers only follow ``index.json``, so they
-never see a half-written index. Two updates of one index at once: the last to write ``index.json`` wins
-(and the other's files stay behind as orphans).
+never see a half-written index. A compressed index keeps ``trained-<key>.faiss``, ``shards/<name>.*`` and
+``masked-<generation>.npy`` instead (see ``bitray.search.shards``), and two updates of it at once end
+with one committed and the other failed with its files removed; for the flat and IVF-Flat kinds the last
+to write ``index.json`` still wins.
 """
 
 from __future__ import annotations
@@ -51,6 +68,8 @@ from bitray import outputs, storage
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
 from bitray.search import vectors
+from bitray.search.params import DEFAULT_MAX_INDEX_MEMORY, choose
+from bitray.search.shards import FILES_PER_SHARD
 
 log = logging.getLogger(__name__)
 # faiss's loader logs each CPU-specific module it does not find at INFO; the wheel dispatches at run time
@@ -87,7 +106,7 @@ class IndexMeta:
     model_spec: str
     image_size: tuple[PositiveInt, PositiveInt]
     dim: PositiveInt
-    kind: Literal["flat", "ivf"]  # exact, or IVF-Flat
+    kind: Literal["flat", "ivf", "ivfpq"]  # exact, IVF-Flat, or sharded and compressed (search.shards)
     runs: list[str]
     count: NonNegativeInt
     next_id: NonNegativeInt
@@ -100,6 +119,13 @@ class IndexMeta:
     before it was recorded (search then asks the output)."""
     updated: str = ""
     version: int = FORMAT_VERSION
+    factory: str | None = None
+    """ivfpq: the faiss factory string of the quantiser, e.g. ``PCAR512,IVF1680,PQ128``."""
+    template: str | None = None
+    train_error: float | None = None
+    shards: list[dict] | None = None
+    masked: str | None = None
+    previous_masked: str | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2).encode()
@@ -140,8 +166,13 @@ class IndexOptions:
 
     exact_below: int = EXACT_BELOW
     nprobe: int | None = None
-    """IVF cells scanned per query; default 15% of them, at least 16."""
+    """IVF cells scanned per query; default 15% of them, at least 16 (ivfpq: 5%, at least 16)."""
     seed: int = 0
+    max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY
+    """Bytes the index may take in memory: IVF-Flat while its full vectors fit, compressed from there."""
+    files_per_shard: int = FILES_PER_SHARD
+    address: str | None = None
+    """Ray cluster of a compressed build (default: RAY_ADDRESS, else a local Ray)."""
 
     def __post_init__(self) -> None:
         if self.exact_below < 1:
@@ -197,6 +228,10 @@ class SearchIndex:
         position = self._by_path.get(path)
         return None if position is None else int(self.rows.column("id")[position].as_py())
 
+    def rows_of(self, ids: np.ndarray) -> pa.Table:
+        """The rows of faiss ids, in their order."""
+        return self.rows.take(pa.array(self.positions(np.asarray(ids, np.int64))))
+
     def vectors_of(self, ids: np.ndarray) -> np.ndarray:
         """The stored (unit-length) vectors of faiss ids."""
         return self.index.reconstruct_batch(np.asarray(ids, np.int64))
@@ -216,8 +251,9 @@ class SearchIndex:
         return self.index.search(queries, min(int(k), max(1, self.index.ntotal)))
 
 
-def load_index(uri: str, storage_config: StorageConfig | None = None) -> SearchIndex:
-    """Read an index written by ``update_index``; ``BitrayError`` when there is none at ``uri``."""
+def load_index(uri: str, storage_config: StorageConfig | None = None):  # noqa: ANN201 - or a ShardedIndex
+    """Read an index written by ``update_index``; ``BitrayError`` when there is none at ``uri``. A
+    compressed one (``ivfpq``) is opened lazily: shards are mapped when a query needs them."""
     import faiss
 
     meta_uri = storage.join(uri, META_FILE)
@@ -227,6 +263,10 @@ def load_index(uri: str, storage_config: StorageConfig | None = None) -> SearchI
             "bitray index --embeddings OUT --index URI"
         )
     meta = IndexMeta.from_json(storage.read_bytes(meta_uri, storage_config), uri)
+    if meta.kind == "ivfpq":
+        from bitray.search.sharded import ShardedIndex
+
+        return ShardedIndex(uri, meta, storage_config)
     data = storage.read_bytes(storage.join(uri, f"vectors-{meta.generation}.faiss"), storage_config)
     try:
         index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
@@ -252,8 +292,12 @@ def update_index(
     *,
     storage_config: StorageConfig | None = None,
     options: IndexOptions | None = None,
+    deleted: set[str] | None = None,
 ) -> UpdateReport:
     """Build the index of ``embeddings`` at ``index_uri``, or add to it the runs finished since the last call.
+
+    ``deleted``: paths whose objects are gone (an embedding output does not record deletions); a
+    compressed index stops returning them.
 
     Raises ``BitrayError`` when the output has no finished run, when its runs used different models or
     image sizes, or when the index was built from another output or model.
@@ -278,10 +322,27 @@ def update_index(
     covered = set(existing.meta.runs) if existing else set()
     new_runs = [run for run in runs if run not in covered]
     settings = _common_model(embeddings, existing, storage_config)
-    if existing and not new_runs:
+    if existing and not new_runs and not deleted:
         return UpdateReport(index_uri, existing.meta.kind, len(existing), 0, 0, [], False, 0.0)
     new_files = outputs.committed_files(embeddings, "embeddings", storage_config, new_runs)
     grown = (len(existing) if existing else 0) + vectors.count_rows(new_files, storage_config)
+    sharded = existing is not None and existing.meta.kind == "ivfpq"
+    dim = existing.meta.dim if existing else _first_dim(new_files, storage_config)
+    params = choose(grown, dim, options.max_index_memory, options.exact_below, options.nprobe)
+    if sharded or params.kind == "ivfpq":
+        return _update_sharded(
+            embeddings,
+            index_uri,
+            existing,
+            runs,
+            new_runs,
+            settings,
+            dim,
+            options,
+            deleted,
+            storage_config,
+            started,
+        )
     rebuild = existing is None or _needs_rebuild(existing.meta, grown, options)
     builder = _Builder(embeddings, index_uri, storage_config, options)
     if rebuild:
@@ -303,6 +364,74 @@ def update_index(
     )
     log.info("index %s: %s", index_uri, report)
     return report
+
+
+def _update_sharded(
+    embeddings: str,
+    index_uri: str,
+    existing,  # noqa: ANN001 - a SearchIndex or ShardedIndex
+    runs: list[str],
+    new_runs: list[str],
+    settings: outputs.OutputSettings,
+    dim: int,
+    options: IndexOptions,
+    deleted: set[str] | None,
+    storage_config: StorageConfig | None,
+    started: float,
+) -> UpdateReport:
+    """Build or update a compressed index (``bitray.search.build``)."""
+    from bitray.search.build import update_sharded
+
+    all_files = outputs.committed_files(embeddings, "embeddings", storage_config, runs)
+    count = vectors.count_rows(all_files, storage_config)
+    params = choose(count, dim, options.max_index_memory, 0, options.nprobe, compressed=True)
+    base = asdict(
+        IndexMeta(
+            embeddings=embeddings,
+            model_id=settings.model_id or "",
+            model_spec=settings.model,
+            image_size=settings.image_size,
+            decode=settings.decode,
+            dim=dim,
+            kind="ivfpq",
+            runs=[],
+            count=0,
+            next_id=0,
+            generation="",
+        )
+    )
+    meta, added, replaced, rebuilt = update_sharded(
+        embeddings,
+        index_uri,
+        asdict(existing.meta) if existing else None,
+        runs,
+        new_runs,
+        params,
+        seed=options.seed,
+        files_per_shard=options.files_per_shard,
+        deleted={_absolute(p) for p in deleted or ()},
+        address=options.address,
+        storage_config=storage_config,
+        base=base,
+    )
+    report = UpdateReport(
+        index_uri,
+        "ivfpq",
+        meta["count"],
+        added,
+        replaced,
+        [r for r in runs if r in new_runs],
+        rebuilt,
+        round(time.monotonic() - started, 3),
+    )
+    log.info("index %s: %s", index_uri, report)
+    return report
+
+
+def _first_dim(files: list[str], storage_config: StorageConfig | None) -> int:
+    for batch in vectors.read_batches(files[:1], ("embedding",), storage_config, batch_rows=1):
+        return batch.column(0).type.list_size
+    return 0
 
 
 def _needs_rebuild(meta: IndexMeta, grown: int, options: IndexOptions) -> bool:

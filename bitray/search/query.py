@@ -52,7 +52,8 @@ def search(
 
 
 def neighbours_table(index: SearchIndex, similarities: np.ndarray, ids: np.ndarray) -> pa.Table:
-    rows = index.rows.take(pa.array(index.positions(ids))).drop_columns(["id"])
+    rows = index.rows_of(ids)
+    rows = rows.drop_columns([c for c in ("id", "file", "row") if c in rows.column_names])
     return pa.table(
         {
             "rank": pa.array(np.arange(1, len(ids) + 1), pa.int32()),

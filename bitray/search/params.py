@@ -1,0 +1,104 @@
+"""Index parameters chosen from the vector count, the dimension and a memory budget (as autofaiss does).
+
+Three kinds, the most exact one that fits ``max_index_memory`` bytes:
+
+- ``flat``: below ``exact_below`` vectors, exact search over full vectors (as before).
+- ``ivf``: IVF-Flat, full-precision vectors in k-means cells, when ``count * (4 dim + 8)`` fits the budget.
+- ``ivfpq``: sharded and compressed (``bitray.search.shards``). Vectors are L2-normalised, rotated and
+  reduced by PCA (``PCAR``, to ``reduced`` = 2 x code bytes dims: embeddings keep most of their variance
+  in a few hundred directions), assigned to ``nlist`` cells and product-quantised to ``pq_m`` bytes (8 bits
+  per code). The code size is the largest of ``PQ_SIZES`` that fits ``budget / count`` after the 8-byte
+  id and the inverted-list overhead, capped at 128: 136 bytes a vector with ids, 12.7 GiB for 100M.
+  The metric is L2 (on unit vectors L2 ranks exactly as cosine; PCA centres the data, which would change
+  inner-product rankings but not L2 ones); similarity = 1 - d^2 / 2.
+
+The training sample is bounded (``TRAIN_MAX`` vectors) whatever the count, so training memory is flat;
+``nlist`` is capped so that every cell still gets ``TRAIN_PER_CELL`` training vectors.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from bitray.errors import BitrayError
+
+DEFAULT_MAX_INDEX_MEMORY = 2 * 2**30
+"""2 GiB: IVF-Flat up to ~250k 2048-d vectors; compressed from there (the cluster head's share)."""
+PQ_SIZES = (128, 96, 64, 48, 32, 24, 16, 8)
+ID_BYTES = 8
+LIST_OVERHEAD = 8
+"""Per-vector slack for inverted-list growth (faiss allocates lists in powers of two at add time)."""
+TRAIN_MAX = 32_768
+TRAIN_PER_CELL = 39
+MAX_REDUCED = 512
+DIMS_PER_CODE_BYTE = 2
+"""PCA keeps 2 dims per code byte (256 for PQ128): at 200k realistic 2048-d vectors recall@10 was 0.903
+against 0.851 with 4 (PCAR512), same code size (``bench/search_bench.py --scale``)."""
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    kind: str  # flat | ivf | ivfpq
+    factory: str = ""
+    nlist: int = 0
+    nprobe: int = 0
+    pq_m: int = 0
+    reduced: int = 0
+    train_size: int = 0
+    bytes_per_vector: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_memory(text: str | int) -> int:
+    """``'16G'``, ``'512M'``, ``'2GiB'`` or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not match:
+        raise BitrayError(f"--max-index-memory {text!r}: give a size such as 4G, 512M or 16GiB")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2)]
+    return int(float(match.group(1)) * scale)
+
+
+def choose(
+    count: int,
+    dim: int,
+    max_index_memory: int,
+    exact_below: int,
+    nprobe: int | None = None,
+    *,
+    compressed: bool = False,
+) -> IndexParams:
+    """The parameters of an index of ``count`` ``dim``-d vectors under ``max_index_memory`` bytes
+    (``compressed``: an ``ivfpq`` one whatever fits, for an index that is compressed already)."""
+    if not compressed and count < exact_below:
+        return IndexParams("flat", bytes_per_vector=4 * dim + ID_BYTES)
+    if not compressed and count * (4 * dim + ID_BYTES + LIST_OVERHEAD) <= max_index_memory:
+        return IndexParams("ivf", bytes_per_vector=4 * dim + ID_BYTES)
+    per_vector = min(max_index_memory // max(count, 1) - ID_BYTES - LIST_OVERHEAD, 4 * dim)
+    fitting = [m for m in PQ_SIZES if m <= per_vector]
+    if not fitting or min(fitting) > min(dim, MAX_REDUCED):
+        need = (min(PQ_SIZES) + ID_BYTES + LIST_OVERHEAD) * count
+        raise BitrayError(
+            f"--max-index-memory {max_index_memory} bytes cannot hold {count} vectors even at "
+            f"{min(PQ_SIZES)} bytes each; give at least {need} bytes"
+        )
+    pq_m = next(m for m in fitting if m <= min(dim, MAX_REDUCED))
+    reduced = min(dim, MAX_REDUCED, DIMS_PER_CODE_BYTE * pq_m) // pq_m * pq_m  # PQ splits it evenly
+    train_size = min(count, TRAIN_MAX)
+    nlist = max(1, min(int(2 * math.sqrt(count)), train_size // TRAIN_PER_CELL))
+    probe = nprobe or max(16, round(0.05 * nlist))
+    return IndexParams(
+        kind="ivfpq",
+        factory=f"PCAR{reduced},IVF{nlist},PQ{pq_m}",
+        nlist=nlist,
+        nprobe=min(probe, nlist),
+        pq_m=pq_m,
+        reduced=reduced,
+        train_size=train_size,
+        bytes_per_vector=pq_m + ID_BYTES,
+    )
