@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from bitray import storage
 from bitray.embed.layout import OutputLayout
-from bitray.embed.params import InputCounts, RunParams
+from bitray.embed.params import InputCounts, ManifestPart, RunParams
 from bitray.embed.state import IncrementalState, record_run
 
 MODEL = "random:tiny"
@@ -38,7 +38,7 @@ def write_run(
     from bitray.embed.layout import part_name
 
     layout = OutputLayout(output if storage.is_remote(output) else str(storage.local_path(output)), None)
-    total = 0
+    total = files = 0
     for n, (paths, vectors) in enumerate(batches):
         dim = vectors.shape[1]
         count = len(paths)
@@ -62,6 +62,7 @@ def write_run(
         uri = storage.join(layout.data_dir("embeddings"), part_name(run_id, f"{n:06d}"))
         storage.write_bytes(uri, buffer.getvalue().to_pybytes())
         total += count
+        files = n + 1
     params = RunParams(
         run_id=run_id,
         model=MODEL,
@@ -78,9 +79,13 @@ def write_run(
         incremental=True,
         inputs=["synthetic"],
         counts=InputCounts(listed=total, new=total),
-        manifest=[],
+        # The run's rows, as a real run's manifest counts them (readers of the output's settings need them;
+        # the manifest file itself is never read once a run has finished).
+        manifest=[ManifestPart(name="synthetic", first_row=0, rows=total)],
     )
     params.save(layout)
+    summary = {"run_id": run_id, "output": layout.output, "inputs": total, "embedded": total, "errored": 0}
+    layout.write_summary(run_id, {**summary, "model_id": model_id, "files": files})
     record_run(layout, IncrementalState.load(layout), params)
     return total
 
