@@ -70,6 +70,7 @@ from bitray.errors import BitrayError
 from bitray.search import vectors
 from bitray.search.params import DEFAULT_MAX_INDEX_MEMORY, choose
 from bitray.search.shards import FILES_PER_SHARD
+from bitray.search.vectors import ROWS_SCHEMA
 
 log = logging.getLogger(__name__)
 # faiss's loader logs each CPU-specific module it does not find at INFO; the wheel dispatches at run time
@@ -81,18 +82,6 @@ EXACT_BELOW = 20_000
 RETRAIN_GROWTH = 4
 TRAIN_PER_CELL = 40
 """Training vectors per IVF cell (faiss warns below 39)."""
-ROWS_SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("path", pa.string()),
-        ("etag", pa.string()),
-        ("size", pa.int64()),
-        ("mtime", pa.timestamp("ns", tz="UTC")),
-        ("run_id", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-    ]
-)
 
 
 @dataclass

@@ -54,20 +54,10 @@ RETRAIN_GROWTH = 4
 KEPT_VARIANCE_WARNING = 0.8
 RETRAIN_ERROR = 1.5
 ERROR_SAMPLE = 1024
-SHARD_ROWS_SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("path", pa.string()),
-        ("etag", pa.string()),
-        ("size", pa.int64()),
-        ("mtime", pa.timestamp("ns", tz="UTC")),
-        ("run_id", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("file", pa.string()),
-        ("row", pa.int32()),
-    ]
+SHARD_ROWS_SCHEMA = vectors.ROWS_SCHEMA.append(pa.field("file", pa.string())).append(
+    pa.field("row", pa.int32())
 )
+"""A shard's rows: the index's, plus where each vector's full-precision copy is (for re-ranking)."""
 KILL_ENV = "BITRAY_TEST_INDEX_KILL_AFTER"
 """Tests only: the driver kills itself once this many shard tasks have finished."""
 ROWS_GROUP = 4096

@@ -23,6 +23,21 @@ ROW_COLUMNS = ("path", "model", "width", "height", "etag", "size", "mtime", "run
 BATCH_ROWS = 4096
 
 
+ROWS_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("path", pa.string()),
+        ("etag", pa.string()),
+        ("size", pa.int64()),
+        ("mtime", pa.timestamp("ns", tz="UTC")),
+        ("run_id", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+"""What an index keeps of every vector beside it: its id and the object version it came from."""
+
+
 def read_batches(
     files: Iterable[str],
     columns: Sequence[str],
