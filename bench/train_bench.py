@@ -26,7 +26,10 @@ from pathlib import Path
 import numpy as np
 
 import bitray  # noqa: F401  (Keras 2 before TensorFlow)
-from bitray import data as bdata
+from bitray.examples import write_digits
+from bitray.finetune.augment import random_crop_flip
+from bitray.finetune.data import LabelledSet, few_shot, make_sets
+from bitray.finetune.decode import decode_encoded_batch, decode_labelled_batch
 
 
 def main() -> None:
@@ -49,10 +52,10 @@ def main() -> None:
 def loops(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bitray-train-bench-") as tmp:
         root = Path(tmp)
-        bdata.write_digits(str(root / "digits"))
-        train, _ = bdata.make_sets(str(root / "digits"), None, 0.2)
+        write_digits(str(root / "digits"))
+        train, _ = make_sets(str(root / "digits"), None, 0.2)
         if args.shots:
-            train = bdata.few_shot(train, args.shots)
+            train = few_shot(train, args.shots)
         plain = plain_loop(train, args)
         ray_1 = ray_loop(root, args, workers=1)
         ray_2 = ray_loop(root, args, workers=2) if args.workers > 1 else None
@@ -73,7 +76,7 @@ def loops(args: argparse.Namespace) -> dict:
     return report
 
 
-def plain_loop(train: bdata.LabelledSet, args: argparse.Namespace) -> float:
+def plain_loop(train: LabelledSet, args: argparse.Namespace) -> float:
     """The same step (SGD momentum, softmax CE, random crop + flip) without Ray: seconds per step."""
     import tensorflow as tf
     import tf_keras
@@ -82,7 +85,7 @@ def plain_loop(train: bdata.LabelledSet, args: argparse.Namespace) -> float:
 
     tf.config.threading.set_intra_op_parallelism_threads(args.cpus)
     tf.config.threading.set_inter_op_parallelism_threads(args.cpus)
-    rows = bdata.decode_labelled_batch(
+    rows = decode_labelled_batch(
         {"path": np.array(train.paths), "label": np.array(train.labels)}, size=args.size, storage=None
     )
     images, labels = rows["image"], rows["label"]
@@ -105,7 +108,7 @@ def plain_loop(train: bdata.LabelledSet, args: argparse.Namespace) -> float:
         start = time.perf_counter()
         for _ in range(steps):
             pick = rng.integers(0, len(images), size=args.batch)
-            x = bdata.random_crop_flip(images, args.crop, rng, pick)
+            x = random_crop_flip(images, args.crop, rng, pick)
             float(step(x, eye[labels[pick]]))
         return time.perf_counter() - start
 
@@ -173,9 +176,9 @@ def decode_rates(args: argparse.Namespace) -> dict:
     }
     for mode in ("fast", "exact"):
         warm = {key: column[:2] for key, column in batch.items()}
-        bdata.decode_encoded_batch(warm, args.size, exact=mode == "exact")
+        decode_encoded_batch(warm, args.size, exact=mode == "exact")
         start = time.process_time()  # CPU time of this process: per core, whatever the machine's load
-        out = bdata.decode_encoded_batch(batch, args.size, exact=mode == "exact")
+        out = decode_encoded_batch(batch, args.size, exact=mode == "exact")
         seconds = time.process_time() - start
         assert out["image"].shape == (len(jpegs), args.size, args.size, 3)
         report[f"{mode}_images_per_core_s"] = round(len(jpegs) / seconds, 1)

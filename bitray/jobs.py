@@ -253,7 +253,7 @@ class Jobs:
                     "new one"
                 ) from None
             if "does not exist" in text or "status code 404" in text:
-                raise BitrayError(
+                raise JobNotFound(
                     f"{doing}: no such job on the cluster at {redacted(self.address)}; see `bitray jobs list`"
                 ) from None
             if isinstance(exc, ConnectionError) or "Failed to connect" in text:
@@ -265,6 +265,10 @@ class Jobs:
 
 class SubmissionIdTaken(BitrayError):
     """The cluster has already seen this submission id."""
+
+
+class JobNotFound(BitrayError):
+    """The cluster does not know this submission id (never submitted, or forgotten by a new head)."""
 
 
 class JobFailed(BitrayError):

@@ -38,7 +38,7 @@ from bitray import storage
 from bitray.config import EmbedConfig, load_config
 from bitray.embed.layout import output_layout
 from bitray.errors import BitrayError
-from bitray.jobs import JobInfo, Jobs, SubmissionIdTaken, config_digest
+from bitray.jobs import JobInfo, JobNotFound, Jobs, SubmissionIdTaken, config_digest
 from bitray.redaction import redacted
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class WindowLog:
     def __init__(self, tracking_uri: str | None, experiment: str = EXPERIMENT) -> None:
         from mlflow import MlflowClient
 
-        from bitray.tracking import ensure_experiment, quick_failures
+        from bitray.mlflow_client import ensure_experiment, quick_failures
 
         quick_failures()
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -334,9 +334,7 @@ class Scheduler:
             return None
         try:
             info = self.jobs.status(job_id)
-        except BitrayError as exc:
-            if "no such job" not in str(exc):
-                raise
+        except JobNotFound:
             info = JobInfo(job_id, "FAILED", message="the cluster no longer knows this job")
         if not info.is_terminal:
             return job_id

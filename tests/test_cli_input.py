@@ -235,7 +235,7 @@ def test_arrow_reads_index_rows_and_label_manifests_from_its_own_buffers(tmp_pat
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from bitray.data import list_labelled
+    from bitray.finetune.data import list_labelled
     from bitray.search.index import load_index
 
     sources = []

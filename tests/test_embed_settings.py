@@ -141,38 +141,40 @@ def registry(mlflow_tracking_uri, tmp_path) -> dict:
 
     from bitray import tracking
     from bitray.model.export import export_savedmodel
+    from bitray.model.pyfunc import log_final_model
+    from bitray.model.registry import CLASSIFIER, FEATURE_VECTOR, register_version, set_alias
     from bitray.model.weights import METADATA_FILE
 
     loaded = random_head_classifier(2)
     first = tmp_path / "exports" / "1"
-    export_savedmodel(loaded, first / tracking.FEATURE_VECTOR)
-    export_savedmodel(loaded, first / tracking.CLASSIFIER, classifier=True)
+    export_savedmodel(loaded, first / FEATURE_VECTOR)
+    export_savedmodel(loaded, first / CLASSIFIER, classifier=True)
     ids = {}
     for version in ("1", "2"):  # version 2: the same export saying other weights, as a new fine-tune would
         directory = tmp_path / "exports" / version
         if version != "1":
             shutil.copytree(first, directory)
         ids[version] = f"bit-tiny@finetune-v{version}"
-        for part in (tracking.FEATURE_VECTOR, tracking.CLASSIFIER):
+        for part in (FEATURE_VECTOR, CLASSIFIER):
             meta = directory / part / METADATA_FILE
             meta.write_text(json.dumps({**json.loads(meta.read_text()), "model_id": ids[version]}))
         run_id, _ = tracking.start_or_resume_run(mlflow_tracking_uri, "exp", f"tune-{version}", "/runs")
         example = np.zeros((1, 32, 32, 3), np.float32)
-        parts = directory / tracking.FEATURE_VECTOR, directory / tracking.CLASSIFIER
-        uri = tracking.log_final_model(mlflow_tracking_uri, run_id, *parts, example)
-        assert tracking.register_version(mlflow_tracking_uri, uri, "tiny", {}) == version
-    tracking.set_alias(mlflow_tracking_uri, "tiny", "champion", "1")
+        parts = directory / FEATURE_VECTOR, directory / CLASSIFIER
+        uri = log_final_model(mlflow_tracking_uri, run_id, *parts, example)
+        assert register_version(mlflow_tracking_uri, uri, "tiny", {}) == version
+    set_alias(mlflow_tracking_uri, "tiny", "champion", "1")
     return {"uri": mlflow_tracking_uri, "ids": ids}
 
 
 def test_an_alias_is_resolved_once_to_the_version_the_run_records_and_loads(registry, tmp_path):
-    from bitray import tracking
     from bitray.config import EmbedConfig, StorageConfig
     from bitray.embed.actor import EmbedActor
     from bitray.embed.layout import OutputLayout
     from bitray.embed.params import RunParams
     from bitray.embed.plan import start_run
     from bitray.embed.state import IncrementalState, record_run
+    from bitray.model.registry import set_alias
 
     photos = tmp_path / "in"
     write_photos(photos, 2)
@@ -183,7 +185,7 @@ def test_an_alias_is_resolved_once_to_the_version_the_run_records_and_loads(regi
         params.model == "models:/tiny/1" and run_json(tmp_path / "out", "first")["model"] == "models:/tiny/1"
     )
 
-    tracking.set_alias(registry["uri"], "tiny", "champion", "2")  # the alias moves mid-run
+    set_alias(registry["uri"], "tiny", "champion", "2")  # the alias moves mid-run
     resumed = RunParams.load(layout, "first")  # what the actors and a resume load
     actor = EmbedActor(model_spec=resumed.model, storage=layout.storage, threads=1, model_id=resumed.model_id)
     assert actor.loaded.model_id == registry["ids"]["1"]

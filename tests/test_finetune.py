@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bitray.config import FinetuneConfig
-from bitray.data import iter_digits, write_digits
+from bitray.examples import iter_digits, write_digits
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_finetune_digits_from_s3_two_workers(s3_server, s3_bucket, ray_local, ml
 
     from bitray.finetune import run_finetune
     from bitray.model import load_model
-    from bitray.tracking import resolve_registered_model
+    from bitray.model.registry import resolve_registered_model
 
     data = f"s3://{s3_bucket}/digits"
     assert write_digits(data) == 1797

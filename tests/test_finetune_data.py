@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bitray import data as bdata
 from bitray.errors import BitrayError
+from bitray.examples import write_digits
+from bitray.finetune.augment import mixup, random_crop_flip
+from bitray.finetune.data import (
+    LabelledSet,
+    few_shot,
+    list_labelled,
+    make_sets,
+    median_image_area,
+    split_pairs,
+)
 from bitray.images import decode_image
 
 
@@ -24,7 +33,7 @@ def test_class_folders_are_listed_with_their_labels(tmp_path):
             _png(tmp_path / label / f"{i}.png")
     _png(tmp_path / "stray.png")  # beside the class folders: no label, not listed
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
-    pairs = bdata.list_labelled(str(tmp_path))
+    pairs = list_labelled(str(tmp_path))
     assert [label for _, label in pairs] == ["cat"] * 3 + ["dog"] * 3
     assert all(Path(p).is_file() and p.endswith(".png") for p, _ in pairs)
 
@@ -34,7 +43,7 @@ def test_class_folders_given_as_a_relative_path(tmp_path, monkeypatch):
         _png(tmp_path / "set" / label / "0.png")
     monkeypatch.chdir(tmp_path)
     for root in ("./set", "set/", "set"):
-        assert [label for _, label in bdata.list_labelled(root)] == ["cat", "dog"]
+        assert [label for _, label in list_labelled(root)] == ["cat", "dog"]
 
 
 def test_manifest_csv_with_relative_and_absolute_paths(tmp_path):
@@ -42,7 +51,7 @@ def test_manifest_csv_with_relative_and_absolute_paths(tmp_path):
     _png(tmp_path / "elsewhere" / "b.png")
     manifest = tmp_path / "train.csv"
     manifest.write_text(f"path,label\nimgs/a.png,one\n{tmp_path / 'elsewhere' / 'b.png'},two\n")
-    assert bdata.list_labelled(str(manifest)) == [
+    assert list_labelled(str(manifest)) == [
         (str(tmp_path / "elsewhere" / "b.png"), "two"),
         (f"{tmp_path}/imgs/a.png", "one"),
     ]
@@ -53,28 +62,28 @@ def test_manifest_parquet_and_missing_columns(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"path": ["x.png"], "label": [3]}), tmp_path / "m.parquet")
-    assert bdata.list_labelled(str(tmp_path / "m.parquet")) == [(f"{tmp_path}/x.png", "3")]
+    assert list_labelled(str(tmp_path / "m.parquet")) == [(f"{tmp_path}/x.png", "3")]
     pq.write_table(pa.table({"file": ["x.png"]}), tmp_path / "bad.parquet")
     with pytest.raises(BitrayError, match="lacks column"):
-        bdata.list_labelled(str(tmp_path / "bad.parquet"))
+        list_labelled(str(tmp_path / "bad.parquet"))
 
 
 def test_empty_or_single_class_data_is_refused(tmp_path):
     with pytest.raises(BitrayError, match="no labelled images"):
-        bdata.make_sets(str(tmp_path), None, 0.2)
+        make_sets(str(tmp_path), None, 0.2)
     for i in range(3):
         _png(tmp_path / "only" / f"{i}.png")
     with pytest.raises(BitrayError, match="at least 2"):
-        bdata.make_sets(str(tmp_path), None, 0.2)
+        make_sets(str(tmp_path), None, 0.2)
 
 
 def test_split_is_stratified_deterministic_and_disjoint():
     pairs = [(f"s3://b/{label}/{i}.png", label) for label in "abc" for i in range(10 if label != "c" else 2)]
-    train, val = bdata.split_pairs(pairs, 0.2, seed=1)
+    train, val = split_pairs(pairs, 0.2, seed=1)
     assert sorted(train + val) == sorted(pairs) and not set(train) & set(val)
     assert sorted(label for _, label in val) == ["a", "a", "b", "b", "c"]  # 20% of 10, at least 1 of 2
-    assert bdata.split_pairs(list(reversed(pairs)), 0.2, seed=1) == (train, val)
-    assert bdata.split_pairs(pairs, 0.2, seed=2) != (train, val)
+    assert split_pairs(list(reversed(pairs)), 0.2, seed=1) == (train, val)
+    assert split_pairs(pairs, 0.2, seed=2) != (train, val)
 
 
 def test_validation_folder_with_unknown_label_is_refused(tmp_path):
@@ -82,14 +91,14 @@ def test_validation_folder_with_unknown_label_is_refused(tmp_path):
         _png(tmp_path / "train" / label / "0.png")
     _png(tmp_path / "val" / "z" / "0.png")
     with pytest.raises(BitrayError, match=r"labels not in .*\['z'\]"):
-        bdata.make_sets(str(tmp_path / "train"), str(tmp_path / "val"), 0.2)
+        make_sets(str(tmp_path / "train"), str(tmp_path / "val"), 0.2)
 
 
 def test_random_crop_and_flip_are_random_and_in_range():
     rng = np.random.default_rng()
     images = np.zeros((64, 10, 10, 3), np.uint8)
     images[:, :, :5] = 255  # left half white: a flip moves it to the right
-    out = bdata.random_crop_flip(images, 8, rng)
+    out = random_crop_flip(images, 8, rng)
     assert out.shape == (64, 8, 8, 3) and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
     left_white = out[:, :, 0, 0] == 1.0
@@ -103,9 +112,9 @@ def test_mixup_uses_one_lambda_per_batch_and_is_off_at_zero():
     rng = np.random.default_rng(0)
     x = rng.random((16, 4, 4, 3)).astype(np.float32)
     y = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 16)]
-    same_x, same_y = bdata.mixup(x, y, 0.0, rng)
+    same_x, same_y = mixup(x, y, 0.0, rng)
     assert same_x is x and same_y is y
-    mixed_x, mixed_y = bdata.mixup(x, y, 1.0, rng)  # Beta(1, 1): lambda far from 0 and 1 at this seed
+    mixed_x, mixed_y = mixup(x, y, 1.0, rng)  # Beta(1, 1): lambda far from 0 and 1 at this seed
     np.testing.assert_allclose(mixed_y.sum(axis=1), 1.0, rtol=1e-6)
     weights = {round(float(row.max()), 5) for row in mixed_y if np.count_nonzero(row) == 2}
     assert len(weights) <= 1  # every two-label row mixes with the same lambda
@@ -113,7 +122,7 @@ def test_mixup_uses_one_lambda_per_batch_and_is_off_at_zero():
 
 
 def test_write_digits_writes_the_real_digits(tmp_path):
-    assert bdata.write_digits(str(tmp_path)) == 1797
+    assert write_digits(str(tmp_path)) == 1797
     files = sorted(tmp_path.rglob("*.png"))
     assert len(files) == 1797 and sorted({f.parent.name for f in files}) == [str(d) for d in range(10)]
     first = decode_image((tmp_path / "0" / "0000.png").read_bytes())
@@ -165,13 +174,13 @@ def _sized(path: Path, width: int, height: int) -> None:
 
 def test_few_shot_draws_k_per_class_seeded():
     paths = [f"/d/{c}/{i}.png" for c in "abc" for i in range(6)]
-    labelled = bdata.LabelledSet(paths, [i // 6 for i in range(18)], ["a", "b", "c"])
-    five = bdata.few_shot(labelled, 5, seed=3)
+    labelled = LabelledSet(paths, [i // 6 for i in range(18)], ["a", "b", "c"])
+    five = few_shot(labelled, 5, seed=3)
     assert sorted(five.labels) == [0] * 5 + [1] * 5 + [2] * 5 and five.classes == labelled.classes
-    assert five == bdata.few_shot(labelled, 5, seed=3) and five != bdata.few_shot(labelled, 5, seed=4)
-    assert len(bdata.few_shot(labelled, 1)) == 3
+    assert five == few_shot(labelled, 5, seed=3) and five != few_shot(labelled, 5, seed=4)
+    assert len(few_shot(labelled, 1)) == 3
     with pytest.raises(BitrayError, match=r"examples_per_class 7: class\(es\) \['a', 'b', 'c'\]"):
-        bdata.few_shot(labelled, 7)
+        few_shot(labelled, 7)
 
 
 def test_resolution_comes_from_the_median_of_a_header_sample(tmp_path):
@@ -181,19 +190,19 @@ def test_resolution_comes_from_the_median_of_a_header_sample(tmp_path):
         _sized(tmp_path / "a" / f"{i:04d}.png", 64, 48)
     (tmp_path / "a" / "0008.png").write_bytes(b"not an image")  # skipped, not fatal
     paths = [str(p) for p in sorted((tmp_path / "a").iterdir())]
-    sample = bdata.median_image_area(paths, sample=256, seed=0)
+    sample = median_image_area(paths, sample=256, seed=0)
     assert (sample.median_area, sample.sampled, sample.skipped) == (64 * 48, 8, 1)
-    small = bdata.median_image_area(paths, sample=3, seed=1)
+    small = median_image_area(paths, sample=3, seed=1)
     assert small.sampled + small.skipped == 3
-    assert small == bdata.median_image_area(paths, sample=3, seed=1)
+    assert small == median_image_area(paths, sample=3, seed=1)
     with pytest.raises(BitrayError, match=r"none of the 1 sampled images"):
-        bdata.median_image_area([paths[-1]])
+        median_image_area([paths[-1]])
 
 
 def test_digest_names_the_set_not_its_order():
-    one = bdata.LabelledSet(["x", "y"], [0, 1], ["a", "b"])
-    assert one.digest() == bdata.LabelledSet(["y", "x"], [1, 0], ["a", "b"]).digest()
-    assert one.digest() != bdata.LabelledSet(["x", "y"], [1, 0], ["a", "b"]).digest()
+    one = LabelledSet(["x", "y"], [0, 1], ["a", "b"])
+    assert one.digest() == LabelledSet(["y", "x"], [1, 0], ["a", "b"]).digest()
+    assert one.digest() != LabelledSet(["x", "y"], [1, 0], ["a", "b"]).digest()
 
 
 def test_an_epoch_without_a_batch_fails_at_once():
@@ -272,7 +281,7 @@ def test_a_set_smaller_than_a_batch_is_drawn_with_replacement_per_step():
 def test_crop_flip_gathers_the_picked_images():
     rng = np.random.default_rng(0)
     images = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 6, 6, 3), np.uint8)
-    out = bdata.random_crop_flip(images, 4, rng, np.array([4, 4, 1]))
+    out = random_crop_flip(images, 4, rng, np.array([4, 4, 1]))
     assert out.shape == (3, 4, 4, 3)
     np.testing.assert_allclose(out[:, 0, 0, 0] * 255, [4, 4, 1], atol=1e-4)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bitray.data import LabelledSet
 from bitray.finetune import evaluation, promotion
+from bitray.finetune.data import LabelledSet
 
 
 def _set(tmp_path: Path, per_class: int = 4) -> LabelledSet:

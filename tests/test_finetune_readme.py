@@ -70,7 +70,7 @@ def test_the_readme_example_finishes_with_two_workers_on_two_cpus(tmp_path):
 
 
 def test_a_streamed_set_without_a_cpu_for_its_data_tasks_is_refused_at_once(tmp_path):
-    from bitray.data import write_digits
+    from bitray.examples import write_digits
 
     write_digits(str(tmp_path / "digits"))
     (tmp_path / "stream.yaml").write_text("cache_decoded: false\nresize: 32\ncrop: 28\nsteps: 10\n")

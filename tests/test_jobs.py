@@ -16,7 +16,7 @@ from PIL import Image
 
 from bitray.cli import main
 from bitray.errors import BitrayError
-from bitray.jobs import JobFailed, Jobs, runtime_env_for, stage_job, submit
+from bitray.jobs import JobFailed, JobNotFound, Jobs, runtime_env_for, stage_job, submit
 
 pytest_plugins = ["cluster_fixtures"]
 
@@ -208,6 +208,8 @@ def test_status_logs_stop_on_a_running_job_and_reused_id(ray_head, capsys, tmp_p
 
     assert main(["jobs", "status", "no-such-job", "--address", ray_head]) == 2
     assert "no such job" in capsys.readouterr().err
+    with pytest.raises(JobNotFound, match="no such job"):  # typed, so callers need not parse the message
+        jobs.status("no-such-job")
 
 
 @pytest.mark.slow

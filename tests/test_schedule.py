@@ -15,7 +15,7 @@ from cluster_fixtures import tiny_embed_config
 from PIL import Image
 
 from bitray.errors import BitrayError
-from bitray.jobs import Jobs
+from bitray.jobs import JobNotFound, Jobs
 from bitray.schedule import Scheduler, plan_windows, windows_between
 
 pytest_plugins = ["cluster_fixtures"]
@@ -260,3 +260,27 @@ def test_a_failed_window_is_logged_with_ray_reason(ray_head, mlflow_tracking_uri
     client = MlflowClient(tracking_uri=mlflow_tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("bitray-embed").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["bitray.schedule.outcome"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_job_the_cluster_forgot_is_recorded_as_failed(ray_head, mlflow_tracking_uri, tmp_path):
+    """A state file naming a job the head does not know (a new head since): ``Jobs.status`` raises the
+    typed ``JobNotFound``, and the scheduler records the window as failed instead of stopping."""
+    import json
+
+    config = tmp_path / "embed.yaml"
+    config.write_text(yaml.safe_dump({"inputs": [str(tmp_path)], "output": str(tmp_path / "out")}))
+    state = tmp_path / "state.json"
+    forgotten = "bitray-embed-forgotten"
+    window = at(0).isoformat()
+    state.write_text(json.dumps({"last_window": window, "active_id": forgotten, "active_window": window}))
+    jobs = Jobs(ray_head)
+    with pytest.raises(JobNotFound):
+        jobs.status(forgotten)
+    scheduler = Scheduler(
+        EVERY_5_MIN, config, jobs, state_uri=str(state), clock=Clock(at(1)), tracking_uri=mlflow_tracking_uri
+    )
+    (event,) = scheduler.tick()
+    assert (event.window, event.outcome, event.submission_id) == (at(0), "failed", forgotten)
+    assert event.reason == "the cluster no longer knows this job"
+    assert json.loads(state.read_text())["active_id"] is None

@@ -37,8 +37,8 @@ def reencoded(source: Path, target: Path, *, scale: float = 1.0, quality: int | 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, ray_local) -> dict:
-    from bitray.cli.embed import write_sample_photos
     from bitray.embed import run_embedding
+    from bitray.examples import write_sample_photos
     from bitray.search.index import update_index
 
     root = tmp_path_factory.mktemp("dups")

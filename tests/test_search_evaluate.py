@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def write_digit_split(root: Path, parity: int, per_class: int | None = None) -> Path:
     """The digits with ``n % 2 == parity`` as class folders ``root/<digit>/<n>.png``."""
-    from bitray.data import iter_digits
+    from bitray.examples import iter_digits
 
     counts: dict[int, int] = {}
     for n, digit, png in iter_digits():

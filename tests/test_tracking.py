@@ -9,6 +9,7 @@ import pytest
 
 from bitray import tracking
 from bitray.errors import BitrayError
+from bitray.model import registry
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing answers
 
@@ -142,4 +143,4 @@ def test_unreachable_server_at_start_is_a_clear_error():
 
 def test_registered_model_uri_must_use_models_scheme():
     with pytest.raises(BitrayError, match="models:/"):
-        tracking.resolve_registered_model("runs:/abc/model")
+        registry.resolve_registered_model("runs:/abc/model")

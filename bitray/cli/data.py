@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_digits(args: argparse.Namespace) -> int:
-    from bitray.data import write_digits
+    from bitray.examples import write_digits
 
     count = write_digits(args.output)
     print(f"bitray: wrote {count} digit images under {args.output}/<digit>/")

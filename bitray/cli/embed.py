@@ -213,6 +213,7 @@ def print_dry_run(plan) -> None:  # noqa: ANN001 - bitray.embed.plan.DryRun, imp
 
 def run_demo(args: argparse.Namespace) -> int:
     from bitray.embed import run_embedding
+    from bitray.examples import write_sample_photos
 
     root = Path(args.output).expanduser().absolute()
     photos = write_sample_photos(root / "photos")
@@ -255,41 +256,3 @@ def random_weights_banner(model: str, reason: str = "") -> str:
     if reason:
         text.insert(1, f"!! {reason}")
     return "\n".join([*text, line])
-
-
-def write_sample_photos(directory: Path) -> Path:
-    """Write scikit-image's bundled sample photos as JPEG and PNG files (idempotent)."""
-    import numpy as np
-    import skimage.data
-    from PIL import Image
-
-    directory.mkdir(parents=True, exist_ok=True)
-    names = [
-        "astronaut",
-        "coffee",
-        "chelsea",
-        "rocket",
-        "hubble_deep_field",
-        "immunohistochemistry",
-        "camera",
-        "coins",
-        "moon",
-        "page",
-        "horse",
-        "text",
-        "grass",
-        "gravel",
-        "brick",
-    ]
-    for i, name in enumerate(names):
-        try:
-            pixels = np.asarray(getattr(skimage.data, name)())
-        except Exception:  # noqa: S112 - a sample missing from this scikit-image version: skip it
-            continue
-        if pixels.dtype == bool:
-            pixels = pixels.astype(np.uint8) * 255
-        suffix = "jpg" if i % 2 == 0 else "png"
-        target = directory / f"{name}.{suffix}"
-        if not target.exists():
-            Image.fromarray(pixels.astype(np.uint8)).save(target)
-    return directory

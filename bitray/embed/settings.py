@@ -145,7 +145,7 @@ def resolved_model(spec: str) -> str:
     MLflow's registry); any other spec as it is."""
     if not spec.startswith("models:/") or "@" not in spec:
         return spec
-    from bitray.tracking import registered_version
+    from bitray.model.registry import registered_version
 
     return registered_version(spec)
 

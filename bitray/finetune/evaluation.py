@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bitray import data as bdata
 from bitray.config import StorageConfig
+from bitray.finetune.augment import eval_images
+from bitray.finetune.data import LabelledSet
+from bitray.finetune.decode import decode_labelled_batch
 
 EVAL_BATCH = 64
 MISTAKES_SHOWN = 16
@@ -90,16 +92,16 @@ class Evaluation:
 
 def evaluate(
     infer: Callable[[np.ndarray], np.ndarray],
-    val_set: bdata.LabelledSet,
+    val_set: LabelledSet,
     size: int,
     storage: StorageConfig | None = None,
     exact: bool = True,
 ) -> Evaluation:
     """Logits of ``infer`` (float images in [0, 1] -> logits) for every decodable validation image,
-    decoded as in training (``exact``: ``bitray.data.decode_labelled_batch``)."""
+    decoded as in training (``exact``: ``bitray.finetune.decode.decode_labelled_batch``)."""
     logits, labels, paths = [], [], []
     for batch in _decoded_batches(val_set, size, storage, exact):
-        logits.append(np.asarray(infer(bdata.eval_images(batch["image"]))))
+        logits.append(np.asarray(infer(eval_images(batch["image"]))))
         labels.append(batch["label"])
         paths += [str(p) for p in batch["path"]]
     return Evaluation(
@@ -112,12 +114,12 @@ def evaluate(
 
 
 def _decoded_batches(
-    val_set: bdata.LabelledSet, size: int, storage: StorageConfig | None, exact: bool
+    val_set: LabelledSet, size: int, storage: StorageConfig | None, exact: bool
 ) -> Iterator[dict]:
     for start in range(0, len(val_set), EVAL_BATCH):
         paths = np.asarray(val_set.paths[start : start + EVAL_BATCH], dtype=object)
         labels = np.asarray(val_set.labels[start : start + EVAL_BATCH], np.int64)
-        decoded = bdata.decode_labelled_batch(
+        decoded = decode_labelled_batch(
             {"path": paths, "label": labels}, size, storage, keep_paths=True, exact=exact
         )
         if len(decoded["label"]):
@@ -198,7 +200,7 @@ def contact_sheet(
         draw.text((8, 8), "no mistakes on the validation set", fill="black")
     probabilities = evaluation.probabilities
     for n, index in enumerate(picked):
-        decoded = bdata.decode_labelled_batch(
+        decoded = decode_labelled_batch(
             {"path": np.asarray([evaluation.paths[index]], dtype=object), "label": np.zeros(1, np.int64)},
             cell,
             storage,

@@ -9,8 +9,8 @@
   (``train``: read and decoded per epoch, ``val``), which need CPUs beside the workers'; the order of
   a resumed run starts a fresh epoch.
 
-Either way a step's inputs are cropped, flipped and mixed as whole batches (``bitray.data``), with a
-generator seeded by (seed, step, rank).
+Either way a step's inputs are cropped, flipped and mixed as whole batches (``bitray.finetune.augment``),
+with a generator seeded by (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bitray import data as bdata
 from bitray.errors import BitrayError
 from bitray.finetune import sampling
+from bitray.finetune.augment import mixup, random_crop_flip
 from bitray.hyperrule import HyperParams
 
 SHUFFLE_BUFFER = 1024
@@ -95,9 +95,7 @@ class MemoryBatches:
         )
         rng = sampling.augment_rng(step, w.rank, w.seed)
         flat = index.reshape(-1)
-        images = bdata.random_crop_flip(self._images, hp.crop, rng, flat).reshape(
-            *index.shape, hp.crop, hp.crop, 3
-        )
+        images = random_crop_flip(self._images, hp.crop, rng, flat).reshape(*index.shape, hp.crop, hp.crop, 3)
         return mix(images, self._eye[self._labels[index]], hp.mixup_alpha, rng)
 
     def validation(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -140,7 +138,7 @@ class StreamBatches:
         images = np.stack([b["image"] for b in micro])
         labels = np.stack([b["label"] for b in micro])
         flat = images.reshape(-1, *images.shape[2:])
-        cropped = bdata.random_crop_flip(flat, hp.crop, rng).reshape(*labels.shape, hp.crop, hp.crop, 3)
+        cropped = random_crop_flip(flat, hp.crop, rng).reshape(*labels.shape, hp.crop, hp.crop, 3)
         return mix(cropped, self._eye[labels], hp.mixup_alpha, rng)
 
     def validation(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -156,9 +154,7 @@ def mix(images: np.ndarray, targets: np.ndarray, alpha: float, rng: np.random.Ge
     if alpha <= 0:
         return images, targets
     shape, target_shape = images.shape, targets.shape
-    flat_x, flat_y = bdata.mixup(
-        images.reshape(-1, *shape[2:]), targets.reshape(-1, *target_shape[2:]), alpha, rng
-    )
+    flat_x, flat_y = mixup(images.reshape(-1, *shape[2:]), targets.reshape(-1, *target_shape[2:]), alpha, rng)
     return flat_x.reshape(shape), flat_y.reshape(target_shape)
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bitray import data as bdata
 from bitray import hyperrule, tracking
 from bitray.config import StorageConfig
+from bitray.finetune.augment import eval_images
 from bitray.finetune.inputs import Source, Worker
 from bitray.finetune.progress import Progress
 
@@ -228,7 +228,7 @@ def _evaluate(all_sum, predict, batches) -> float:  # noqa: ANN001
     """Top-1 over the whole validation set: each worker scores its share, counts summed across workers."""
     correct = total = 0
     for images, labels in batches:
-        predicted = predict(bdata.eval_images(images)).numpy()
+        predicted = predict(eval_images(images)).numpy()
         correct += int(np.sum(predicted == labels))
         total += len(labels)
     summed = all_sum(np.array([correct, total], np.float32)).numpy()

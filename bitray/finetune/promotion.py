@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from bitray import tracking
+from bitray.model import registry
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +90,24 @@ def register_and_promote(
     ``alias`` to it when ``decide`` says so. The decision and both figures go to the run's tags."""
     tags = {}
     if val_top1 is not None:
-        tags[tracking.VAL_TOP1_TAG] = repr(val_top1)
+        tags[registry.VAL_TOP1_TAG] = repr(val_top1)
     if val_digest is not None:
-        tags[tracking.VAL_DIGEST_TAG] = val_digest
-    version = tracking.register_version(tracking_uri, model_uri, registered_model, tags)
-    held = tracking.alias_holder(tracking_uri, registered_model, alias)
+        tags[registry.VAL_DIGEST_TAG] = val_digest
+    version = registry.register_version(tracking_uri, model_uri, registered_model, tags)
+    held = registry.alias_holder(tracking_uri, registered_model, alias)
     holder = None
     if held is not None:
-        top1 = held[1].get(tracking.VAL_TOP1_TAG)
-        holder = Standing(held[0], float(top1) if top1 else None, held[1].get(tracking.VAL_DIGEST_TAG))
+        top1 = held[1].get(registry.VAL_TOP1_TAG)
+        holder = Standing(held[0], float(top1) if top1 else None, held[1].get(registry.VAL_DIGEST_TAG))
     decision = decide(policy, Standing(version, val_top1, val_digest), holder)
     if decision.move:
-        tracking.set_alias(tracking_uri, registered_model, alias, version)
+        registry.set_alias(tracking_uri, registered_model, alias, version)
     run_tags = {
         **decision.as_tags(),
-        "bitray.registered_model": f"{tracking.MODELS_SCHEME}{registered_model}/{version}",
+        "bitray.registered_model": f"{registry.MODELS_SCHEME}{registered_model}/{version}",
     }
     if decision.move:
-        run_tags["bitray.alias"] = f"{tracking.MODELS_SCHEME}{registered_model}@{alias}"
+        run_tags["bitray.alias"] = f"{registry.MODELS_SCHEME}{registered_model}@{alias}"
     tracking.set_tags(tracking_uri, run_id, run_tags)
     log.info(
         "%s version %s: alias @%s %s (%s)",

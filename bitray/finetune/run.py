@@ -23,14 +23,16 @@ from typing import Any
 import numpy as np
 
 import bitray
-from bitray import data as bdata
 from bitray import hyperrule, ray_session, tracking
 from bitray import storage as st
 from bitray.config import FinetuneConfig, StorageConfig
 from bitray.errors import BitrayError
 from bitray.finetune import evaluation, promotion
+from bitray.finetune.data import LabelledSet, few_shot, make_sets, median_image_area
+from bitray.finetune.decode import decode_into_memory, to_ray_dataset
 from bitray.finetune.inputs import SHUFFLE_BUFFER, InMemory, Streamed
 from bitray.finetune.loop import CHECKPOINT_PREFIX, VAL_TOP1, LoopConfig, train_loop
+from bitray.model import pyfunc, registry
 from bitray.redaction import redacted
 
 log = logging.getLogger(__name__)
@@ -60,18 +62,16 @@ def run_finetune(config: FinetuneConfig, *, address: str | None = None) -> Finet
     if not config.data:
         raise BitrayError("no training data given; pass --data URI (a class-folder tree or a manifest)")
     storage = config.storage.model_copy(update={"s3_endpoint": config.storage.resolved_s3_endpoint()})
-    for part in (tracking.FEATURE_VECTOR, tracking.CLASSIFIER):
+    for part in (registry.FEATURE_VECTOR, registry.CLASSIFIER):
         if st.exists(st.join(config.output, part), storage):
             raise BitrayError(
                 f"{st.join(config.output, part)!r} already exists; an export never overwrites a model: "
                 "choose a new --output or remove the old one"
             )
-    train_set, val_set = bdata.make_sets(
-        config.data, config.validation, config.val_fraction, config.seed, storage
-    )
+    train_set, val_set = make_sets(config.data, config.validation, config.val_fraction, config.seed, storage)
     if config.examples_per_class is not None:
-        train_set = bdata.few_shot(train_set, config.examples_per_class, config.seed)
-    areas = bdata.median_image_area(train_set.paths, storage, config.resolution_sample, config.seed)
+        train_set = few_shot(train_set, config.examples_per_class, config.seed)
+    areas = median_image_area(train_set.paths, storage, config.resolution_sample, config.seed)
     hp = hyperrule.resolve(config, len(train_set), areas.median_area)
     rule = hyperrule.resolution_for_area(areas.median_area, config.resolution)  # type: ignore[arg-type]
     log.info(
@@ -153,8 +153,8 @@ def run_finetune(config: FinetuneConfig, *, address: str | None = None) -> Finet
 def _params(
     config: FinetuneConfig,
     hp: hyperrule.HyperParams,
-    train_set: bdata.LabelledSet,
-    val_set: bdata.LabelledSet | None,
+    train_set: LabelledSet,
+    val_set: LabelledSet | None,
 ) -> dict[str, Any]:
     return {
         "model": config.model,
@@ -209,8 +209,8 @@ def _data_source(
     config: FinetuneConfig,
     hp: hyperrule.HyperParams,
     storage: StorageConfig,
-    train_set: bdata.LabelledSet,
-    val_set: bdata.LabelledSet | None,
+    train_set: LabelledSet,
+    val_set: LabelledSet | None,
 ) -> tuple[InMemory | Streamed, dict[str, Any]]:
     """The workers' data source, and the Ray Data datasets the trainer streams (none for ``InMemory``).
 
@@ -231,21 +231,19 @@ def _data_source(
         budget / 2**30,
     )
     if fits:
-        images, labels = bdata.decode_into_memory(train_set, hp.resize, storage, exact)
+        images, labels = decode_into_memory(train_set, hp.resize, storage, exact)
         refs = [ray.put(images), ray.put(labels)]
         if val_set is not None:
-            val_images, val_labels = bdata.decode_into_memory(val_set, hp.crop, storage, exact)
+            val_images, val_labels = decode_into_memory(val_set, hp.crop, storage, exact)
             refs += [ray.put(val_images), ray.put(val_labels)]
         return InMemory(*refs), {}
     _check_cpus_for_streaming(config)
     # the encoded bytes are kept (each file read once); a small set is repeated to fill a global micro-batch
-    datasets = {
-        "train": bdata.to_ray_dataset(train_set, hp.resize, storage, config.seed, hp.micro_batch, exact)
-    }
+    datasets = {"train": to_ray_dataset(train_set, hp.resize, storage, config.seed, hp.micro_batch, exact)}
     if config.shuffle == "global":  # re-executed by every epoch: a fresh permutation of the whole set
         datasets["train"] = datasets["train"].random_shuffle()
     if val_set is not None:
-        datasets["val"] = bdata.to_ray_dataset(val_set, hp.crop, storage, config.seed, exact=exact)
+        datasets["val"] = to_ray_dataset(val_set, hp.crop, storage, config.seed, exact=exact)
     shuffle_buffer = 0 if config.shuffle == "global" else SHUFFLE_BUFFER
     return Streamed(shuffle_buffer, has_val=val_set is not None), datasets
 
@@ -294,8 +292,8 @@ def _run_storage(uri: str, storage: StorageConfig):  # noqa: ANN202 - (str, pyar
 def _export_and_register(
     config: FinetuneConfig,
     run_name: str,
-    train_set: bdata.LabelledSet,
-    val_set: bdata.LabelledSet | None,
+    train_set: LabelledSet,
+    val_set: LabelledSet | None,
     hp: hyperrule.HyperParams,
     checkpoint,  # noqa: ANN001 - ray.train.Checkpoint
     metrics: dict[str, Any],
@@ -328,11 +326,11 @@ def _export_and_register(
         )
         _log_evaluation(report, hp.crop, storage, tracking_uri, run_id, metrics.get("step"))
     with tempfile.TemporaryDirectory(prefix="bitray-export-") as tmp:
-        feature_dir = export_savedmodel(loaded, Path(tmp, tracking.FEATURE_VECTOR), classifier=False)
-        classifier_dir = export_savedmodel(loaded, Path(tmp, tracking.CLASSIFIER), classifier=True)
+        feature_dir = export_savedmodel(loaded, Path(tmp, registry.FEATURE_VECTOR), classifier=False)
+        classifier_dir = export_savedmodel(loaded, Path(tmp, registry.CLASSIFIER), classifier=True)
         out = {
-            "feature_vector": st.join(config.output, tracking.FEATURE_VECTOR),
-            "classifier": st.join(config.output, tracking.CLASSIFIER),
+            "feature_vector": st.join(config.output, registry.FEATURE_VECTOR),
+            "classifier": st.join(config.output, registry.CLASSIFIER),
             "version": None,
             "promoted": None,
         }
@@ -340,7 +338,7 @@ def _export_and_register(
         _upload_dir(Path(classifier_dir), out["classifier"], storage)
         try:
             example = np.zeros((1, hp.crop, hp.crop, 3), np.float32)
-            model_uri = tracking.log_final_model(
+            model_uri = pyfunc.log_final_model(
                 tracking_uri, run_id, Path(feature_dir), Path(classifier_dir), example
             )
             registered = config.resolved_registered_model()

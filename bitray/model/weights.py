@@ -6,7 +6,7 @@ Specs::
     hub:<url or dir>        any TF-Hub image feature-vector module
     npz:<path|s3://|gs://>  an official BiT-{S,M}-R*x*.npz checkpoint (the variant is read from the file)
     savedmodel:<dir|s3://|gs://>  a SavedModel written by ``bitray model export`` (or any hub-style one)
-    models:/<name>@<alias>  a fine-tuned model registered in MLflow (see ``bitray.tracking``)
+    models:/<name>@<alias>  a fine-tuned model registered in MLflow (see ``bitray.model.registry``)
     random:<arch>           deterministic random init (tests, offline demos): r50x1 ... r152x4, tiny
 
 Every model carries a ``model_id`` saying which weights it holds, e.g. ``bit-s-r101x1@tfhub``,
@@ -122,7 +122,7 @@ def load_model(
     elif kind == "savedmodel":
         loaded = _from_savedmodel(rest, num_classes, trainable, storage, classifier)
     elif kind == "models":  # an MLflow registered model: models:/<name>@<alias> or models:/<name>/<version>
-        from bitray.tracking import CLASSIFIER, FEATURE_VECTOR, resolve_registered_model
+        from bitray.model.registry import CLASSIFIER, FEATURE_VECTOR, resolve_registered_model
 
         part = CLASSIFIER if classifier or num_classes is not None else FEATURE_VECTOR
         local = str(resolve_registered_model(spec, part))

@@ -3,7 +3,7 @@
 The protocol (the BiT paper's transfer measures, on frozen features):
 
 - Vectors: each labelled object's live row (its newest version) in the output, L2-normalised. Labels
-  come from ``bitray.data.list_labelled`` (a ``path,label`` CSV/Parquet or a class-folder tree) and are
+  come from ``finetune.data.list_labelled`` (a ``path,label`` CSV/Parquet or a class-folder tree) and are
   matched to the output's ``path`` column; labelled images the output lacks are counted, not guessed.
 - ``knn_top1_k{1,5,20}``: scikit-learn ``KNeighborsClassifier`` (cosine, brute force, majority vote; a
   tie goes to the class that sorts first, scikit-learn's rule) under the same stratified k-fold split as
@@ -106,7 +106,7 @@ def load_labelled_vectors(
     embeddings: str, labels: str, storage_config: StorageConfig | None = None
 ) -> LabelledVectors:
     """The live vectors of the labelled images of ``embeddings``, read in row-group batches."""
-    from bitray.data import list_labelled
+    from bitray.finetune.data import list_labelled
 
     label_of = {_normal(path): label for path, label in list_labelled(labels, storage_config)}
     outputs.settings(embeddings, storage_config)  # refuses rows of two models, image sizes or decodes
@@ -315,7 +315,7 @@ def log_to_mlflow(
     """
     from mlflow import MlflowClient
 
-    from bitray.tracking import ensure_experiment, quick_failures
+    from bitray.mlflow_client import ensure_experiment, quick_failures
 
     quick_failures()
     try:
