@@ -40,10 +40,11 @@ def base_vectors() -> np.ndarray:
     return x
 
 
-def write(output: Path, run: str, paths: list[str], x: np.ndarray) -> None:
+def write(output: Path, run: str, paths: list[str], x: np.ndarray, deleted: list[str] | None = None) -> None:
     from bitray.search.synthetic import batches_of, write_run
 
-    write_run(str(output), run, batches_of(paths, x, ROWS_PER_FILE), rows_per_file=ROWS_PER_FILE)
+    batches = batches_of(paths, x, ROWS_PER_FILE)
+    write_run(str(output), run, batches, rows_per_file=ROWS_PER_FILE, deleted=deleted)
 
 
 def brute(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -115,6 +116,7 @@ def test_a_budget_that_forces_compression_builds_shards_in_parallel(built, tmp_p
 def test_a_killed_build_resumes_without_adding_a_vector_twice(built, tmp_path, ray_local, monkeypatch):
     import ray
 
+    from bitray import testhooks
     from bitray.search.index import load_index, update_index
 
     index = tmp_path / "index"
@@ -125,7 +127,7 @@ def test_a_killed_build_resumes_without_adding_a_vector_twice(built, tmp_path, r
         f"update_index({str(built['out'])!r}, {str(index)!r}, options=IndexOptions(exact_below=1000, "
         f"max_index_memory={COUNT * 48}, files_per_shard=2))\n"
     )
-    env = {**os.environ, "BITRAY_TEST_INDEX_KILL_AFTER": "3", "BITRAY_TEST_SHARD_CRASH": str(marker)}
+    env = {**os.environ, testhooks.INDEX_KILL_AFTER: "3", testhooks.SHARD_CRASH: str(marker)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stderr[-2000:]
     assert not (index / "index.json").exists()
@@ -133,7 +135,7 @@ def test_a_killed_build_resumes_without_adding_a_vector_twice(built, tmp_path, r
     assert 3 <= len(committed) <= 8
 
     # shard 1's task dies once, before its commit: in the killed build, or else in this one (Ray reruns it)
-    monkeypatch.setenv("BITRAY_TEST_SHARD_CRASH", str(marker))
+    monkeypatch.setenv(testhooks.SHARD_CRASH, str(marker))
     report = update_index(str(built["out"]), str(index), options=options(files_per_shard=2))
     assert marker.exists()
     assert (report.count, report.added) == (COUNT, COUNT)
@@ -165,9 +167,9 @@ def test_incremental_add_change_delete_and_retrain_policy(built, tmp_path):
     added, _ = Realistic(DIM, rank=32, clusters=40, seed=1).draw(200, rng)
     changed = [PATHS[i] for i in range(100, 150)]
     new_vectors = np.concatenate([added, x[3000:3050]])  # the changed objects now look like others
-    write(out, "b", [f"/photos/new-{i}.jpg" for i in range(200)] + changed, new_vectors)
     deleted = {PATHS[i] for i in range(200, 210)}
-    report = update_index(str(out), str(index), options=options(), deleted=deleted)
+    write(out, "b", [f"/photos/new-{i}.jpg" for i in range(200)] + changed, new_vectors, sorted(deleted))
+    report = update_index(str(out), str(index), options=options())
     assert (report.rebuilt, report.added, report.replaced, report.new_runs) == (False, 250, 60, ["b"])
     assert report.count == COUNT + 200 - 10
     loaded = load_index(str(index))
@@ -190,8 +192,10 @@ def test_incremental_add_change_delete_and_retrain_policy(built, tmp_path):
     other, _ = Realistic(DIM, rank=32, clusters=40, seed=99).draw(500, rng)
     write(out, "c", [f"/other/{i}.jpg" for i in range(500)], other)
     report = update_index(str(out), str(index), options=options())
-    assert report.rebuilt and report.count == COUNT + 200 - 10 + 500 + 10  # deletions were one update's
-    assert load_index(str(index)).meta.template != index_json["template"]
+    assert report.rebuilt and report.count == COUNT + 200 - 10 + 500  # deletions are recorded: kept
+    retrained = load_index(str(index))
+    assert retrained.meta.template != index_json["template"]
+    assert not deleted & set(retrained.rows.column("path").to_pylist())
     assert len(list(index.glob("trained-*.faiss"))) == 1
 
 
@@ -290,13 +294,11 @@ def test_duplicates_on_the_compressed_index_match_exact_search(built, tmp_path):
     pq.write_table(table, tmp_path / "d.parquet")
 
 
-def test_cli_refuses_a_bad_budget_and_a_missing_deleted_file(tmp_path, capsys):
+def test_cli_refuses_a_bad_budget(tmp_path, capsys):
     from bitray.cli import main
 
     assert main(["index", "--embeddings", str(tmp_path), "--max-index-memory", "lots"]) == 2
     assert "--max-index-memory 'lots': give a size such as 4G" in capsys.readouterr().err
-    assert main(["index", "--embeddings", str(tmp_path), "--deleted", str(tmp_path / "gone.txt")]) == 2
-    assert "is not a file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["search-service", "--help"])
     assert info.value.code == 0

@@ -1,5 +1,6 @@
 """One update of a sharded index (``bitray.search.shards``): decide retraining, build the new shards on
-Ray, mask superseded and deleted vectors, commit, then delete what the new generation no longer names.
+Ray, mask superseded vectors and those of objects the embedding runs found deleted, commit, then delete
+what the new generation no longer names.
 
 Works on the plain dict of ``index.json`` so that it needs nothing from ``bitray.search.index``.
 """
@@ -31,7 +32,6 @@ def update_sharded(
     *,
     seed: int = 0,
     files_per_shard: int = shards.FILES_PER_SHARD,
-    deleted: set[str] | None = None,
     address: str | None = None,
     storage_config: StorageConfig | None = None,
     base: dict | None = None,
@@ -40,7 +40,6 @@ def update_sharded(
 
     ``existing`` is the current meta (None for a new index, or one of another kind, which is replaced);
     ``base`` the fields a new meta starts from (embeddings, model, image size, dim)."""
-    deleted = deleted or set()
     sharded = existing is not None and existing.get("kind") == "ivfpq"
     retrain = not sharded or _needs_retrain(embeddings, index_uri, existing, new_runs, storage_config)
     build_runs = runs if retrain else new_runs
@@ -67,6 +66,7 @@ def update_sharded(
             "embed each model into its own output"
         )
     fresh = {r["number"] for r in records}
+    deleted = deletions(embeddings, build_runs, storage_config)
     masked = shards.masked_ids(
         index_uri,
         kept + records,
@@ -110,6 +110,12 @@ def update_sharded(
     added = sum(r["count"] for r in records)
     replaced = int(len(masked) - len(old_masked)) if not retrain else int(len(masked))
     return meta, added, replaced, retrain
+
+
+def deletions(embeddings: str, runs: list[str], storage_config: StorageConfig | None) -> dict[str, set[str]]:
+    """Run -> the paths it found deleted, for the ``runs`` that found any (memory: those paths)."""
+    found = {run: set(outputs.deleted_paths(embeddings, run, storage_config)) for run in runs}
+    return {run: paths for run, paths in found.items() if paths}
 
 
 def _needs_retrain(
