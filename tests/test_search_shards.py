@@ -302,3 +302,106 @@ def test_cli_refuses_a_bad_budget(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["search-service", "--help"])
     assert info.value.code == 0
+
+
+def copy_built(built: dict, root: Path) -> tuple[Path, Path]:
+    import shutil
+
+    out, index = root / "out", root / "index"
+    shutil.copytree(built["out"], out)
+    shutil.copytree(built["index"], index)
+    meta = json.loads((index / "index.json").read_text())
+    meta["embeddings"] = str(out)
+    (index / "index.json").write_text(json.dumps(meta))
+    return out, index
+
+
+@pytest.mark.slow
+def test_small_shards_from_updates_are_merged_dropping_masked_ids(built, tmp_path, monkeypatch):
+    from bitray.search import merge
+    from bitray.search.index import load_index, update_index
+    from bitray.search.synthetic import Realistic
+
+    x = built["x"]
+    extra, _ = Realistic(DIM, rank=32, clusters=40, seed=1).draw(120, np.random.default_rng(7))
+    runs = {  # three small runs: the second changes an object of the first (masked, then dropped)
+        "b": ([f"/photos/b-{i}.jpg" for i in range(40)] + [PATHS[5]], np.concatenate([extra[:40], x[6:7]])),
+        "c": (
+            [f"/photos/c-{i}.jpg" for i in range(40)] + ["/photos/b-0.jpg"],
+            np.concatenate([extra[40:80], x[7:8]]),
+        ),
+        "d": ([f"/photos/d-{i}.jpg" for i in range(40)], extra[80:]),
+    }
+    monkeypatch.setattr(merge, "MERGE_AT", 3)
+    loaded = {}
+    for name, merge_at in (("kept", 99), ("merged", 3)):
+        monkeypatch.setattr(merge, "MERGE_AT", merge_at)
+        out, index = copy_built(built, tmp_path / name)
+        for run, (paths, vecs) in runs.items():
+            write(out, run, paths, vecs)
+            update_index(str(out), str(index), options=options())
+        loaded[name] = load_index(str(index))
+    kept, merged = loaded["kept"], loaded["merged"]
+    assert [s["number"] for s in kept.meta.shards] == [0, 1, 2, 3, 4, 5, 6]
+    assert [s["number"] for s in merged.meta.shards] == [0, 1, 2, 3, 7]
+    assert merged.meta.shards[-1]["count"] == 120 + 2 - 1  # b-0's first version dropped
+    assert merged.meta.count == kept.meta.count == COUNT + 120
+    assert not np.any(np.isin(merged.masked >> 32, [4, 5, 6]))  # the merged shards' masked ids are gone
+    assert len(merged.masked) == 1  # PATHS[5]'s first version, in a large shard: still masked
+    names = {p.name.split(".")[0] for p in (tmp_path / "merged" / "index" / "shards").iterdir()}
+    assert names == {s["name"] for s in merged.meta.shards}  # the small shards' files removed
+    paths = merged.rows.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == COUNT + 120
+    # the codes were copied, not re-encoded: the same answers with the same similarities
+    queries = np.concatenate([x[::200], extra[::10]])
+    sims_k, ids_k = kept.search(queries, 10)
+    sims_m, ids_m = merged.search(queries, 10)
+    np.testing.assert_allclose(sims_m, sims_k, atol=1e-5)
+    path_k = kept.rows_of(ids_k.ravel()).column("path").to_pylist()
+    assert merged.rows_of(ids_m.ravel()).column("path").to_pylist() == path_k
+
+
+@pytest.mark.slow
+def test_the_service_follows_an_update_without_a_restart(built, tmp_path, ray_local):
+    import time
+
+    import ray
+
+    from bitray.search.index import update_index
+    from bitray.search.service import SearchService
+
+    out, index = copy_built(built, tmp_path)
+    x = built["x"]
+    service = SearchService.start(str(index), actors=1, follow_s=0.5)
+    try:
+        first = service.info["generation"]
+        servers = ray.get(service.handle.shard_servers.remote())
+        assert PATHS[20] in top(service, x[20])
+        write(out, "b", ["/photos/moved.jpg"], x[20:21], deleted=[PATHS[20]])
+        update_index(str(out), str(index), options=options())
+        time.sleep(0.6)
+        found = top(service, x[20])  # looks at index.json: a new generation, loaded
+        assert "/photos/moved.jpg" in found and PATHS[20] not in found
+        info = ray.get(service.handle.info.remote())
+        assert info["generation"] != first and info["shards"] == 5
+        assert ray.get(service.handle.shard_servers.remote()) != servers  # the old ones retired
+    finally:
+        service.stop()
+
+    # throttled: without the wait it keeps serving what it has, unless the caller names a newer generation
+    service = SearchService.start(str(index), actors=1, follow_s=3600)
+    try:
+        write(out, "c", ["/photos/again.jpg"], x[30:31], deleted=[PATHS[30]])
+        report = update_index(str(out), str(index), options=options())
+        assert PATHS[30] in top(service, x[30])
+        generation = json.loads((index / "index.json").read_text())["generation"]
+        assert report.count == COUNT
+        found = top(service, x[30], generation=generation)
+        assert "/photos/again.jpg" in found and PATHS[30] not in found
+    finally:
+        service.stop()
+
+
+def top(service, vector: np.ndarray, **kw) -> list[str]:  # noqa: ANN001
+    _, ids = service.search(vector[None], 3, **kw)
+    return service.rows_of(ids[0][ids[0] >= 0]).column("path").to_pylist()
