@@ -332,7 +332,6 @@ def test_small_shards_from_updates_are_merged_dropping_masked_ids(built, tmp_pat
         ),
         "d": ([f"/photos/d-{i}.jpg" for i in range(40)], extra[80:]),
     }
-    monkeypatch.setattr(merge, "MERGE_AT", 3)
     loaded = {}
     for name, merge_at in (("kept", 99), ("merged", 3)):
         monkeypatch.setattr(merge, "MERGE_AT", merge_at)
