@@ -7,18 +7,26 @@ is committed (the pipeline publishes nothing else there) and names its run: ``pa
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from bitray.config import EmbedConfig, StorageConfig
-from bitray.embed import retry
+from bitray.embed import retry, state
 from bitray.embed.layout import DATA_KINDS, OutputLayout, output_layout
 from bitray.embed.params import RunParams
 from bitray.embed.settings import OutputSettings
 from bitray.embed.state import IncrementalState, recorded_settings
 from bitray.errors import BitrayError
 
-__all__ = ["OutputSettings", "committed_files", "finished_runs", "open_errors", "run_model", "settings"]
+__all__ = [
+    "OutputSettings",
+    "committed_files",
+    "deleted_paths",
+    "finished_runs",
+    "open_errors",
+    "run_model",
+    "settings",
+]
 
 
 def _layout(output: str, storage: StorageConfig | None) -> OutputLayout:
@@ -42,6 +50,14 @@ def committed_files(
         choices = ", ".join(DATA_KINDS)
         raise BitrayError(f"unknown kind {kind!r} of embedding output files; use one of {choices}")
     return _layout(output, storage).data_files(kind, None if runs is None else set(runs))
+
+
+def deleted_paths(output: str, run_id: str, storage: StorageConfig | None = None) -> Iterator[str]:
+    """The paths whose objects the incremental run ``run_id`` found gone (recorded by an earlier run, in
+    its inputs, no longer listed), sorted and streamed a part (8,192 paths) at a time. A path deleted and
+    later restored is embedded again (``new``) by the run that lists it again."""
+    layout = _layout(output, storage)
+    return state.deleted_paths(layout, RunParams.load(layout, run_id))
 
 
 def run_model(output: str, run_id: str, storage: StorageConfig | None = None) -> tuple[str, tuple[int, int]]:

@@ -40,10 +40,11 @@ def base_vectors() -> np.ndarray:
     return x
 
 
-def write(output: Path, run: str, paths: list[str], x: np.ndarray) -> None:
+def write(output: Path, run: str, paths: list[str], x: np.ndarray, deleted: list[str] | None = None) -> None:
     from bitray.search.synthetic import batches_of, write_run
 
-    write_run(str(output), run, batches_of(paths, x, ROWS_PER_FILE), rows_per_file=ROWS_PER_FILE)
+    batches = batches_of(paths, x, ROWS_PER_FILE)
+    write_run(str(output), run, batches, rows_per_file=ROWS_PER_FILE, deleted=deleted)
 
 
 def brute(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -115,6 +116,7 @@ def test_a_budget_that_forces_compression_builds_shards_in_parallel(built, tmp_p
 def test_a_killed_build_resumes_without_adding_a_vector_twice(built, tmp_path, ray_local, monkeypatch):
     import ray
 
+    from bitray import testhooks
     from bitray.search.index import load_index, update_index
 
     index = tmp_path / "index"
@@ -125,7 +127,7 @@ def test_a_killed_build_resumes_without_adding_a_vector_twice(built, tmp_path, r
         f"update_index({str(built['out'])!r}, {str(index)!r}, options=IndexOptions(exact_below=1000, "
         f"max_index_memory={COUNT * 48}, files_per_shard=2))\n"
     )
-    env = {**os.environ, "BITRAY_TEST_INDEX_KILL_AFTER": "3", "BITRAY_TEST_SHARD_CRASH": str(marker)}
+    env = {**os.environ, testhooks.INDEX_KILL_AFTER: "3", testhooks.SHARD_CRASH: str(marker)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stderr[-2000:]
     assert not (index / "index.json").exists()
@@ -133,7 +135,7 @@ def test_a_killed_build_resumes_without_adding_a_vector_twice(built, tmp_path, r
     assert 3 <= len(committed) <= 8
 
     # shard 1's task dies once, before its commit: in the killed build, or else in this one (Ray reruns it)
-    monkeypatch.setenv("BITRAY_TEST_SHARD_CRASH", str(marker))
+    monkeypatch.setenv(testhooks.SHARD_CRASH, str(marker))
     report = update_index(str(built["out"]), str(index), options=options(files_per_shard=2))
     assert marker.exists()
     assert (report.count, report.added) == (COUNT, COUNT)
@@ -165,9 +167,9 @@ def test_incremental_add_change_delete_and_retrain_policy(built, tmp_path):
     added, _ = Realistic(DIM, rank=32, clusters=40, seed=1).draw(200, rng)
     changed = [PATHS[i] for i in range(100, 150)]
     new_vectors = np.concatenate([added, x[3000:3050]])  # the changed objects now look like others
-    write(out, "b", [f"/photos/new-{i}.jpg" for i in range(200)] + changed, new_vectors)
     deleted = {PATHS[i] for i in range(200, 210)}
-    report = update_index(str(out), str(index), options=options(), deleted=deleted)
+    write(out, "b", [f"/photos/new-{i}.jpg" for i in range(200)] + changed, new_vectors, sorted(deleted))
+    report = update_index(str(out), str(index), options=options())
     assert (report.rebuilt, report.added, report.replaced, report.new_runs) == (False, 250, 60, ["b"])
     assert report.count == COUNT + 200 - 10
     loaded = load_index(str(index))
@@ -190,8 +192,10 @@ def test_incremental_add_change_delete_and_retrain_policy(built, tmp_path):
     other, _ = Realistic(DIM, rank=32, clusters=40, seed=99).draw(500, rng)
     write(out, "c", [f"/other/{i}.jpg" for i in range(500)], other)
     report = update_index(str(out), str(index), options=options())
-    assert report.rebuilt and report.count == COUNT + 200 - 10 + 500 + 10  # deletions were one update's
-    assert load_index(str(index)).meta.template != index_json["template"]
+    assert report.rebuilt and report.count == COUNT + 200 - 10 + 500  # deletions are recorded: kept
+    retrained = load_index(str(index))
+    assert retrained.meta.template != index_json["template"]
+    assert not deleted & set(retrained.rows.column("path").to_pylist())
     assert len(list(index.glob("trained-*.faiss"))) == 1
 
 
@@ -290,13 +294,113 @@ def test_duplicates_on_the_compressed_index_match_exact_search(built, tmp_path):
     pq.write_table(table, tmp_path / "d.parquet")
 
 
-def test_cli_refuses_a_bad_budget_and_a_missing_deleted_file(tmp_path, capsys):
+def test_cli_refuses_a_bad_budget(tmp_path, capsys):
     from bitray.cli import main
 
     assert main(["index", "--embeddings", str(tmp_path), "--max-index-memory", "lots"]) == 2
     assert "--max-index-memory 'lots': give a size such as 4G" in capsys.readouterr().err
-    assert main(["index", "--embeddings", str(tmp_path), "--deleted", str(tmp_path / "gone.txt")]) == 2
-    assert "is not a file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["search-service", "--help"])
     assert info.value.code == 0
+
+
+def copy_built(built: dict, root: Path) -> tuple[Path, Path]:
+    import shutil
+
+    out, index = root / "out", root / "index"
+    shutil.copytree(built["out"], out)
+    shutil.copytree(built["index"], index)
+    meta = json.loads((index / "index.json").read_text())
+    meta["embeddings"] = str(out)
+    (index / "index.json").write_text(json.dumps(meta))
+    return out, index
+
+
+@pytest.mark.slow
+def test_small_shards_from_updates_are_merged_dropping_masked_ids(built, tmp_path, monkeypatch):
+    from bitray.search import merge
+    from bitray.search.index import load_index, update_index
+    from bitray.search.synthetic import Realistic
+
+    x = built["x"]
+    extra, _ = Realistic(DIM, rank=32, clusters=40, seed=1).draw(120, np.random.default_rng(7))
+    runs = {  # three small runs: the second changes an object of the first (masked, then dropped)
+        "b": ([f"/photos/b-{i}.jpg" for i in range(40)] + [PATHS[5]], np.concatenate([extra[:40], x[6:7]])),
+        "c": (
+            [f"/photos/c-{i}.jpg" for i in range(40)] + ["/photos/b-0.jpg"],
+            np.concatenate([extra[40:80], x[7:8]]),
+        ),
+        "d": ([f"/photos/d-{i}.jpg" for i in range(40)], extra[80:]),
+    }
+    loaded = {}
+    for name, merge_at in (("kept", 99), ("merged", 3)):
+        monkeypatch.setattr(merge, "MERGE_AT", merge_at)
+        out, index = copy_built(built, tmp_path / name)
+        for run, (paths, vecs) in runs.items():
+            write(out, run, paths, vecs)
+            update_index(str(out), str(index), options=options())
+        loaded[name] = load_index(str(index))
+    kept, merged = loaded["kept"], loaded["merged"]
+    assert [s["number"] for s in kept.meta.shards] == [0, 1, 2, 3, 4, 5, 6]
+    assert [s["number"] for s in merged.meta.shards] == [0, 1, 2, 3, 7]
+    assert merged.meta.shards[-1]["count"] == 120 + 2 - 1  # b-0's first version dropped
+    assert merged.meta.count == kept.meta.count == COUNT + 120
+    assert not np.any(np.isin(merged.masked >> 32, [4, 5, 6]))  # the merged shards' masked ids are gone
+    assert len(merged.masked) == 1  # PATHS[5]'s first version, in a large shard: still masked
+    names = {p.name.split(".")[0] for p in (tmp_path / "merged" / "index" / "shards").iterdir()}
+    assert names == {s["name"] for s in merged.meta.shards}  # the small shards' files removed
+    paths = merged.rows.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == COUNT + 120
+    # the codes were copied, not re-encoded: the same answers with the same similarities
+    queries = np.concatenate([x[::200], extra[::10]])
+    sims_k, ids_k = kept.search(queries, 10)
+    sims_m, ids_m = merged.search(queries, 10)
+    np.testing.assert_allclose(sims_m, sims_k, atol=1e-5)
+    path_k = kept.rows_of(ids_k.ravel()).column("path").to_pylist()
+    assert merged.rows_of(ids_m.ravel()).column("path").to_pylist() == path_k
+
+
+@pytest.mark.slow
+def test_the_service_follows_an_update_without_a_restart(built, tmp_path, ray_local):
+    import time
+
+    import ray
+
+    from bitray.search.index import update_index
+    from bitray.search.service import SearchService
+
+    out, index = copy_built(built, tmp_path)
+    x = built["x"]
+    service = SearchService.start(str(index), actors=1, follow_s=0.5)
+    try:
+        first = service.info["generation"]
+        servers = ray.get(service.handle.shard_servers.remote())
+        assert PATHS[20] in top(service, x[20])
+        write(out, "b", ["/photos/moved.jpg"], x[20:21], deleted=[PATHS[20]])
+        update_index(str(out), str(index), options=options())
+        time.sleep(0.6)
+        found = top(service, x[20])  # looks at index.json: a new generation, loaded
+        assert "/photos/moved.jpg" in found and PATHS[20] not in found
+        info = ray.get(service.handle.info.remote())
+        assert info["generation"] != first and info["shards"] == 5
+        assert ray.get(service.handle.shard_servers.remote()) != servers  # the old ones retired
+    finally:
+        service.stop()
+
+    # throttled: without the wait it keeps serving what it has, unless the caller names a newer generation
+    service = SearchService.start(str(index), actors=1, follow_s=3600)
+    try:
+        write(out, "c", ["/photos/again.jpg"], x[30:31], deleted=[PATHS[30]])
+        report = update_index(str(out), str(index), options=options())
+        assert PATHS[30] in top(service, x[30])
+        generation = json.loads((index / "index.json").read_text())["generation"]
+        assert report.count == COUNT
+        found = top(service, x[30], generation=generation)
+        assert "/photos/again.jpg" in found and PATHS[30] not in found
+    finally:
+        service.stop()
+
+
+def top(service, vector: np.ndarray, **kw) -> list[str]:  # noqa: ANN001
+    _, ids = service.search(vector[None], 3, **kw)
+    return service.rows_of(ids[0][ids[0] >= 0]).column("path").to_pylist()

@@ -34,9 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument(
         "--files-per-shard", type=positive_int, metavar="N", help="embedding files per shard (16)"
     )
-    index.add_argument(
-        "--deleted", metavar="FILE", help="text file of object paths that are gone (one a line): masked"
-    )
     index.add_argument("--address", metavar="ADDR", help="Ray cluster of a compressed build (RAY_ADDRESS)")
     index.set_defaults(func=run_index)
 
@@ -138,18 +135,7 @@ def run_index(args: argparse.Namespace) -> int:
         files_per_shard=args.files_per_shard or defaults.files_per_shard,
         address=args.address,
     )
-    deleted = None
-    if args.deleted:
-        from pathlib import Path
-
-        from bitray.errors import BitrayError
-
-        if not Path(args.deleted).is_file():
-            raise BitrayError(
-                f"--deleted {args.deleted!r} is not a file; give a text file of paths, one a line"
-            )
-        deleted = {line.strip() for line in Path(args.deleted).read_text().splitlines() if line.strip()}
-    report = update_index(args.embeddings, args.index, options=options, deleted=deleted)
+    report = update_index(args.embeddings, args.index, options=options)
     print(json.dumps(report.to_dict(), indent=2))
     return 0
 

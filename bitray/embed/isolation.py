@@ -27,14 +27,16 @@ from typing import Any
 
 import numpy as np
 
+from bitray import testhooks
+
 log = logging.getLogger(__name__)
 
 LEDGER_TIMEOUT_S = 60.0
 """How long a task waits for the ledger before it goes on without its protection."""
 
-MODEL_CRASH_COLOUR_ENV = "BITRAY_TEST_MODEL_CRASH_COLOUR"
-"""Tests only: ``"r,g,b"``; a model actor aborts its process (SIGABRT) on a batch holding an image of that
-one colour, which is how the tests make an image that kills the model's worker. Unset in production."""
+MODEL_CRASH_COLOUR_ENV = testhooks.MODEL_CRASH_COLOUR
+"""Tests only (``bitray.testhooks``): ``"r,g,b"``; a model actor aborts its process (SIGABRT) on a batch
+holding an image of that one colour, which is how the tests make an image that kills the model's worker."""
 
 
 class CrashLedger:
@@ -96,7 +98,7 @@ class Attempt:
 
 def model_crash_colour() -> np.ndarray | None:
     """The colour of ``MODEL_CRASH_COLOUR_ENV`` (tests only), or None."""
-    value = os.environ.get(MODEL_CRASH_COLOUR_ENV)
+    value = testhooks.value(MODEL_CRASH_COLOUR_ENV)
     return None if not value else np.array([int(v) for v in value.split(",")], np.uint8)
 
 

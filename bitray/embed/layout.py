@@ -134,6 +134,9 @@ class OutputLayout:
     def retried_dir(self, run_id: str) -> str:
         return storage.join(self.run_dir(run_id), "retried")
 
+    def deleted_dir(self, run_id: str) -> str:
+        return storage.join(self.run_dir(run_id), "deleted")
+
     def data_files(self, kind: str, runs: Collection[str] | None = None) -> list[str]:
         """URIs of the committed files under ``OUT/<kind>/``, sorted; only of ``runs`` if given (one LIST
         per 1,000 files)."""

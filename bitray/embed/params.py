@@ -38,6 +38,8 @@ class InputCounts(BaseModel):
     unchanged: int = 0
     retried: int = 0
     """Recorded errors taken again (``retry_errors``)."""
+    deleted: int = 0
+    """Recorded objects in the run's inputs that the listing no longer has (``bitray.embed.state``)."""
 
     @property
     def todo(self) -> int:
@@ -80,6 +82,8 @@ class RunParams(BaseModel):
     manifest: list[ManifestPart]
     retried: list[ManifestPart] = []
     """Parts of ``runs/<run>/retried/``: the recorded errors this run takes again (``bitray.embed.retry``)."""
+    deleted: list[ManifestPart] = []
+    """Parts of ``runs/<run>/deleted/``: the recorded paths this incremental run found gone."""
     bitray_version: str = __version__
 
     @property
@@ -95,6 +99,7 @@ class RunParams(BaseModel):
         manifest: list[ManifestPart],
         retried: list[ManifestPart] | None = None,
         model_id: str | None = None,
+        deleted: list[ManifestPart] | None = None,
     ) -> RunParams:
         return cls(
             run_id=run_id,
@@ -121,6 +126,7 @@ class RunParams(BaseModel):
             counts=counts,
             manifest=manifest,
             retried=retried or [],
+            deleted=deleted or [],
         )
 
     def save(self, layout: OutputLayout, *, deadline: float | None = None) -> None:

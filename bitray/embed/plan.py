@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from bitray.config import EmbedConfig
+from bitray import storage
+from bitray.config import EmbedConfig, StorageConfig
 from bitray.embed.fence import Fence
 from bitray.embed.layout import OutputLayout
 from bitray.embed.manifest import ManifestWriter, listed_inputs
@@ -22,6 +23,7 @@ from bitray.embed.settings import settle
 from bitray.embed.state import IncrementalState, Status, diff, recorded_settings, recorded_versions
 from bitray.errors import BitrayError
 from bitray.storage import ObjectInfo
+from bitray.storage.listing import matches
 
 ROW_OVERHEAD_BYTES = 200
 """Parquet bytes per embedding row beside the vector itself (path, etag, model id, ...), roughly."""
@@ -44,18 +46,25 @@ def start_run(
     config = settle(config, layout, recorded)
     writer = ManifestWriter(layout.manifest_dir(run_id), layout.storage, fence)
     retried = ManifestWriter(layout.retried_dir(run_id), layout.storage, fence)
+    deleted = ManifestWriter(layout.deleted_dir(run_id), layout.storage, fence)
     counts: Counter[str] = Counter()
     for obj, status in _statuses(config, layout, state):
         counts[status] += 1
-        if status != "unchanged":
+        if status == "deleted":
+            deleted.add(obj)
+        elif status != "unchanged":
             writer.add(obj)
         if status == "retried":
             retried.add(obj)
-    if not counts and not config.retry_errors:  # a retry with no open errors is a run with nothing to do
+    counted = _input_counts(counts)
+    # an empty listing is a mistake, not the deletion of everything; a retry with no open errors is a run
+    # with nothing to do
+    if not counted.listed and not config.retry_errors:
         raise BitrayError(_nothing_found(config))
     model_id = recorded.model_id if recorded is not None else None
-    counted = _input_counts(counts)
-    params = RunParams.for_run(config, run_id, counted, writer.close(), retried.close(), model_id)
+    params = RunParams.for_run(
+        config, run_id, counted, writer.close(), retried.close(), model_id, deleted.close()
+    )
     if fence is None:
         params.save(layout)
     else:
@@ -95,7 +104,7 @@ def dry_run(config: EmbedConfig, layout: OutputLayout, state: IncrementalState, 
     if config.incremental or config.retry_errors:  # a plain run into a used output is refused anyway
         config = settle(config, layout, recorded_settings(layout, state))
     counts: Counter[str] = Counter(status for _, status in _statuses(config, layout, state))
-    if not counts and not config.retry_errors:
+    if not _input_counts(counts).listed and not config.retry_errors:
         raise BitrayError(_nothing_found(config))
     unfinished = [r for r in runs if r not in state.finished]
     refused = None
@@ -121,16 +130,41 @@ def _statuses(
         return ((row.object, "retried") for row in open_errors(layout, state))
     listed = listed_inputs(config, layout.storage)
     recorded = recorded_versions(layout, state) if config.incremental else iter(())
-    statuses = diff(listed, recorded)
+    statuses = diff(listed, recorded, in_inputs(config, layout.storage) if config.incremental else None)
     if not (config.retry_errors and state.finished):  # a first scheduled run has nothing to retry yet
         return statuses
     retry = {(row.object.uri, row.object.version) for row in open_errors(layout, state)}
     return ((o, "retried" if s == "unchanged" and (o.uri, o.version) in retry else s) for o, s in statuses)
 
 
+def in_inputs(config: EmbedConfig, storage_config: StorageConfig) -> Callable[[str], bool]:
+    """Whether a path is one the run's listing covers: under one of its input prefixes or manifest lines
+    (the path itself or a parent "directory" of it is one), with one of its extensions. An object that is
+    not listed although covered is deleted; one outside is merely not an input of this run."""
+    uris = list(config.inputs)
+    if config.manifest:
+        text = storage.read_bytes(config.manifest, storage_config).decode("utf-8")
+        lines = (line.strip() for line in text.splitlines())
+        uris += [line for line in lines if line and not line.startswith("#")]
+    uris = {(uri if storage.is_remote(uri) else str(storage.local_path(uri))).rstrip("/") for uri in uris}
+
+    def covered(path: str) -> bool:
+        if not matches(path.rsplit("/", 1)[-1], config.extensions):
+            return False
+        head = path
+        while head and not head.endswith(":/"):
+            if head in uris:
+                return True
+            head = head.rsplit("/", 1)[0] if "/" in head else ""
+        return False
+
+    return covered
+
+
 def _input_counts(counts: Counter[str]) -> InputCounts:
     return InputCounts(
-        listed=sum(counts.values()),
+        listed=sum(counts.values()) - counts["deleted"],
+        deleted=counts["deleted"],
         new=counts["new"],
         changed=counts["changed"],
         unchanged=counts["unchanged"],

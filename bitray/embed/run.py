@@ -104,10 +104,12 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
 
 
 def describe_counts(counts: InputCounts) -> str:
-    """'12 image(s) to embed (10 new, 0 changed, 2 recorded errors retried), 88 unchanged'."""
+    """'12 image(s) to embed (10 new, 0 changed, 2 recorded errors retried), 88 unchanged, 3 deleted'."""
     retried = f", {counts.retried} recorded error(s) retried" if counts.retried else ""
     unchanged = f", {counts.unchanged} unchanged" if counts.unchanged else ""
-    return f"{counts.todo} image(s) to embed ({counts.new} new, {counts.changed} changed{retried}){unchanged}"
+    deleted = f", {counts.deleted} deleted" if counts.deleted else ""
+    todo = f"{counts.todo} image(s) to embed ({counts.new} new, {counts.changed} changed{retried})"
+    return todo + unchanged + deleted
 
 
 def dry_run_embedding(config: EmbedConfig) -> DryRun:

@@ -25,12 +25,13 @@ from typing import BinaryIO
 
 import numpy as np
 
+from bitray import testhooks
 from bitray.errors import BitrayError
 from bitray.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, prepare_for_model
 
-CRASH_MARKER_ENV = "BITRAY_TEST_DECODER_CRASH_MARKER"
-"""Tests only: the decoder aborts its process (SIGABRT) on any image whose bytes contain this marker, which
-is how the tests make a real crashing image; unset in production, where the check costs nothing."""
+CRASH_MARKER_ENV = testhooks.DECODER_CRASH_MARKER
+"""Tests only (``bitray.testhooks``): the decoder aborts its process (SIGABRT) on any image whose bytes
+contain this marker, which is how the tests make a real crashing image."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class DecodeOptions:
 
 def decode_for_model(data: bytes, options: DecodeOptions) -> tuple[np.ndarray, int, int]:
     """Encoded bytes -> (uint8 pixels at ``options.size``, stored width, height); ``ImageDecodeError``."""
-    marker = os.environ.get(CRASH_MARKER_ENV)
+    marker = testhooks.value(CRASH_MARKER_ENV)
     if marker and marker.encode() in data:
         os.abort()
     return prepare_for_model(

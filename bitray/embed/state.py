@@ -7,6 +7,13 @@ new is found by one streaming merge of the sorted listing against base + deltas,
 held in memory. After ``MAX_DELTAS`` runs the deltas are merged into a new base (one streaming pass), so an
 incremental run reads the base and at most ``MAX_DELTAS`` manifests, however many runs came before.
 
+**Deletions.** The same merge finds the recorded paths an incremental run's listing no longer has
+(``deleted``), but only within that run's inputs (under one of its prefixes or manifest lines, and of its
+extensions): a run over another prefix deletes nothing. The run writes them, sorted, as Parquet parts of
+``runs/<run>/deleted/`` (``RunParams.deleted``), streamed like the manifest. They are tombstones in the
+recorded versions: a deleted path's earlier versions are dropped (from the next base too), so an object
+restored later is ``new`` again; readers get them through ``bitray.outputs.deleted_paths``.
+
 Every update is one atomic PUT of ``current.json`` made while holding the output's lock; a new base is
 written before the pointer moves to it and the old one is deleted after, so a crash leaves at worst
 unreferenced files, which the next compaction removes.
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Iterator
+from itertools import groupby
 from typing import Literal
 
 import pyarrow as pa
@@ -35,8 +43,9 @@ MAX_DELTAS = 8
 BASE_PART_ROWS = 131_072
 """Rows per part of the compacted base (about 13 MB), read whole and one at a time."""
 VERSIONS_SCHEMA = pa.schema([("path", pa.string()), ("version", pa.string())])
-Status = Literal["new", "changed", "unchanged", "retried"]
-"""``retried``: a recorded error taken again (``bitray.embed.retry``)."""
+Status = Literal["new", "changed", "unchanged", "retried", "deleted"]
+"""``retried``: a recorded error taken again (``bitray.embed.retry``); ``deleted``: recorded, in the run's
+inputs, and no longer listed (its ``ObjectInfo`` has the path only)."""
 
 
 class IncrementalState(BaseModel):
@@ -49,7 +58,7 @@ class IncrementalState(BaseModel):
     base: list[str] = []
     """Names of the base's parts, in path order."""
     deltas: list[str] = []
-    """Finished runs (with inputs) whose manifests are not merged into the base yet."""
+    """Finished runs (with inputs or deletions) whose manifests are not merged into the base yet."""
     retry_runs: list[str] = []
     """Finished runs that retried recorded errors (``bitray.embed.retry``), oldest first."""
     settings: OutputSettings | None = None
@@ -106,11 +115,35 @@ def base_dir(layout: OutputLayout, generation: int) -> str:
 
 
 def recorded_versions(layout: OutputLayout, state: IncrementalState) -> Iterator[tuple[str, str]]:
-    """Every recorded ``(path, version)``, sorted, streamed from the base and the deltas' manifests."""
-    streams = [_base_versions(layout, state)]
-    for run_id in state.deltas:
-        streams.append(_manifest_versions(layout, run_id))
-    return heapq.merge(*streams)
+    """Every recorded ``(path, version)``, sorted, streamed from the base and the deltas' manifests; a
+    delta's deletions drop the versions recorded before it (memory: the entries of one path)."""
+    streams = [((path, 0, version) for path, version in _base_versions(layout, state))]
+    for order, run_id in enumerate(state.deltas, 1):
+        streams.append(_delta_entries(layout, run_id, order))
+    for path, entries in groupby(heapq.merge(*streams, key=lambda e: (e[0], e[1])), key=lambda e: e[0]):
+        versions: set[str] = set()
+        for _, _, version in entries:
+            if version is None:
+                versions.clear()
+            else:
+                versions.add(version)
+        for version in sorted(versions):
+            yield path, version
+
+
+def _delta_entries(layout: OutputLayout, run_id: str, order: int) -> Iterator[tuple[str, int, str | None]]:
+    """``(path, order, version)`` of a run's manifest and ``(path, order, None)`` of its deletions, sorted."""
+    params = RunParams.load(layout, run_id)
+    recorded = ((path, order, version) for path, version in _manifest_versions(layout, params))
+    deleted = ((path, order, None) for path in deleted_paths(layout, params))
+    return heapq.merge(recorded, deleted, key=lambda e: e[0])
+
+
+def deleted_paths(layout: OutputLayout, params: RunParams) -> Iterator[str]:
+    """The paths the run found deleted, sorted (``runs/<run>/deleted/``)."""
+    uris = [storage.join(layout.deleted_dir(params.run_id), part.name) for part in params.deleted]
+    for table in read_parts(uris, layout.storage, columns=["path"]):
+        yield from table.column("path").to_pylist()
 
 
 def _base_versions(layout: OutputLayout, state: IncrementalState) -> Iterator[tuple[str, str]]:
@@ -119,9 +152,8 @@ def _base_versions(layout: OutputLayout, state: IncrementalState) -> Iterator[tu
         yield from zip(table.column("path").to_pylist(), table.column("version").to_pylist(), strict=True)
 
 
-def _manifest_versions(layout: OutputLayout, run_id: str) -> Iterator[tuple[str, str]]:
-    params = RunParams.load(layout, run_id)
-    uris = [storage.join(layout.manifest_dir(run_id), part.name) for part in params.manifest]
+def _manifest_versions(layout: OutputLayout, params: RunParams) -> Iterator[tuple[str, str]]:
+    uris = [storage.join(layout.manifest_dir(params.run_id), part.name) for part in params.manifest]
     names = ["path", "etag", "size", "mtime_ns"]
     for table in read_parts(uris, layout.storage, columns=names):
         columns = [table.column(name).to_pylist() for name in names]
@@ -130,14 +162,23 @@ def _manifest_versions(layout: OutputLayout, run_id: str) -> Iterator[tuple[str,
 
 
 def diff(
-    listed: Iterable[ObjectInfo], recorded: Iterable[tuple[str, str]]
+    listed: Iterable[ObjectInfo],
+    recorded: Iterable[tuple[str, str]],
+    in_scope: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[ObjectInfo, Status]]:
-    """Each listed object with its status against the recorded versions; both inputs sorted by path."""
+    """Each listed object with its status against the recorded versions; both inputs sorted by path.
+
+    With ``in_scope``, also each recorded path that is not listed and for which ``in_scope`` holds (the
+    run's inputs cover it), as ``deleted``, in path order with the rest."""
     versions = iter(recorded)
     current = next(versions, None)
     for obj in listed:
         while current is not None and current[0] < obj.uri:
-            current = next(versions, None)
+            path = current[0]
+            while current is not None and current[0] == path:
+                current = next(versions, None)
+            if in_scope is not None and in_scope(path):
+                yield ObjectInfo(path, 0), "deleted"
         seen: set[str] = set()
         while current is not None and current[0] == obj.uri:
             seen.add(current[1])
@@ -147,6 +188,12 @@ def diff(
         else:
             yield obj, "changed" if seen else "new"
         # the next listed path is larger: versions of this path are consumed, none is skipped
+    while current is not None:
+        path = current[0]
+        while current is not None and current[0] == path:
+            current = next(versions, None)
+        if in_scope is not None and in_scope(path):
+            yield ObjectInfo(path, 0), "deleted"
 
 
 def _recorded_before_generations(obj: ObjectInfo) -> str | None:
@@ -173,7 +220,7 @@ def record_run(
     except BitrayError:  # mixed by an older bitray: readers find it out from the runs themselves
         state.settings = None
     state.finished.append(params.run_id)
-    if params.rows:
+    if params.rows or params.deleted:
         state.deltas.append(params.run_id)
     if params.retried:
         state.retry_runs.append(params.run_id)

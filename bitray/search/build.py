@@ -1,5 +1,6 @@
 """One update of a sharded index (``bitray.search.shards``): decide retraining, build the new shards on
-Ray, mask superseded and deleted vectors, commit, then delete what the new generation no longer names.
+Ray, mask superseded vectors and those of objects the embedding runs found deleted, merge small shards
+(``bitray.search.merge``), commit, then delete what the new generation no longer names.
 
 Works on the plain dict of ``index.json`` so that it needs nothing from ``bitray.search.index``.
 """
@@ -14,7 +15,7 @@ import numpy as np
 
 from bitray import outputs, storage
 from bitray.config import StorageConfig
-from bitray.search import shards, vectors
+from bitray.search import merge, shards, vectors
 from bitray.search.commit import CommitConflict
 from bitray.search.params import IndexParams
 
@@ -31,7 +32,6 @@ def update_sharded(
     *,
     seed: int = 0,
     files_per_shard: int = shards.FILES_PER_SHARD,
-    deleted: set[str] | None = None,
     address: str | None = None,
     storage_config: StorageConfig | None = None,
     base: dict | None = None,
@@ -40,7 +40,6 @@ def update_sharded(
 
     ``existing`` is the current meta (None for a new index, or one of another kind, which is replaced);
     ``base`` the fields a new meta starts from (embeddings, model, image size, dim)."""
-    deleted = deleted or set()
     sharded = existing is not None and existing.get("kind") == "ivfpq"
     retrain = not sharded or _needs_retrain(embeddings, index_uri, existing, new_runs, storage_config)
     build_runs = runs if retrain else new_runs
@@ -67,6 +66,7 @@ def update_sharded(
             "embed each model into its own output"
         )
     fresh = {r["number"] for r in records}
+    deleted = deletions(embeddings, build_runs, storage_config)
     masked = shards.masked_ids(
         index_uri,
         kept + records,
@@ -77,15 +77,26 @@ def update_sharded(
         storage_config=storage_config,
     )
     masked = np.union1d(old_masked, masked)
+    masked_before = len(masked)
+    shard_list, next_number = kept + records, first + len(jobs)
+    merged = []
+    for group in merge.plan_merges(shard_list, masked):
+        merged.append(merge.merge_shards(index_uri, template, group, next_number, masked, storage_config))
+        next_number += 1
+    if merged:
+        gone = {name for m in merged for name in m["merged_from"]}
+        shard_list = [r for r in shard_list if r["name"] not in gone] + merged
+        masked = masked[np.isin(masked >> 32, [r["number"] for r in shard_list])]
+        log.info("merged %d small shards into %d", len(gone), len(merged))
     generation = shards.new_generation()
     masked_name = shards.write_masked(index_uri, generation, masked, storage_config)
-    total = sum(r["count"] for r in kept + records)
+    total = sum(r["count"] for r in shard_list)
     meta = dict(base or {}) if retrain or not sharded else dict(existing)
     meta.update(
         kind="ivfpq",
         runs=list(runs),
         count=int(total - len(masked)),
-        next_id=first + len(jobs),
+        next_id=next_number,
         generation=generation,
         nlist=params.nlist if retrain else existing["nlist"],
         nprobe=params.nprobe if retrain else existing["nprobe"],
@@ -93,23 +104,33 @@ def update_sharded(
         factory=params.factory if retrain else existing["factory"],
         template=template,
         train_error=round(error, 6),
-        shards=[{k: r[k] for k in ("name", "number", "run", "count", "error")} for r in kept + records],
+        shards=[{k: r[k] for k in ("name", "number", "run", "count", "error")} for r in shard_list],
         masked=masked_name,
         previous_masked=existing.get("masked") if sharded else None,
         model_id=models.pop() if models else meta.get("model_id", ""),
     )
     meta["updated"] = generation
     written = [storage.join(index_uri, masked_name)]
-    for record in records:
+    for record in records + merged:
         written += shards.shard_files(index_uri, record["name"])
     if retrain:
         written.append(storage.join(index_uri, template))
     data = json.dumps(meta, indent=2).encode()
     shards.commit(index_uri, data, existing["generation"] if existing else None, written, storage_config)
     _drop_previous(index_uri, existing, meta, storage_config)
+    for record in records:  # built by this update and merged in it: no generation names them
+        if any(record["name"] in m["merged_from"] for m in merged):
+            for uri in shards.shard_files(index_uri, record["name"]):
+                storage.delete(uri, storage_config)
     added = sum(r["count"] for r in records)
-    replaced = int(len(masked) - len(old_masked)) if not retrain else int(len(masked))
+    replaced = int(masked_before - len(old_masked)) if not retrain else int(masked_before)
     return meta, added, replaced, retrain
+
+
+def deletions(embeddings: str, runs: list[str], storage_config: StorageConfig | None) -> dict[str, set[str]]:
+    """Run -> the paths it found deleted, for the ``runs`` that found any (memory: those paths)."""
+    found = {run: set(outputs.deleted_paths(embeddings, run, storage_config)) for run in runs}
+    return {run: paths for run, paths in found.items() if paths}
 
 
 def _needs_retrain(

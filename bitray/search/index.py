@@ -68,6 +68,7 @@ from bitray import outputs, storage
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
 from bitray.search import vectors
+from bitray.search.build import deletions, update_sharded
 from bitray.search.params import DEFAULT_MAX_INDEX_MEMORY, choose
 from bitray.search.shards import FILES_PER_SHARD
 from bitray.search.vectors import ROWS_SCHEMA
@@ -281,12 +282,11 @@ def update_index(
     *,
     storage_config: StorageConfig | None = None,
     options: IndexOptions | None = None,
-    deleted: set[str] | None = None,
 ) -> UpdateReport:
     """Build the index of ``embeddings`` at ``index_uri``, or add to it the runs finished since the last call.
 
-    ``deleted``: paths whose objects are gone (an embedding output does not record deletions); a
-    compressed index stops returning them.
+    Objects that a newer incremental embedding run found deleted (``bitray.outputs.deleted_paths``) are
+    removed (flat, IVF-Flat) or masked (compressed): they are not returned after the update.
 
     Raises ``BitrayError`` when the output has no finished run, when its runs used different models or
     image sizes, or when the index was built from another output or model.
@@ -311,7 +311,7 @@ def update_index(
     covered = set(existing.meta.runs) if existing else set()
     new_runs = [run for run in runs if run not in covered]
     settings = _common_model(embeddings, existing, storage_config)
-    if existing and not new_runs and not deleted:
+    if existing and not new_runs:
         return UpdateReport(index_uri, existing.meta.kind, len(existing), 0, 0, [], False, 0.0)
     new_files = outputs.committed_files(embeddings, "embeddings", storage_config, new_runs)
     grown = (len(existing) if existing else 0) + vectors.count_rows(new_files, storage_config)
@@ -328,7 +328,6 @@ def update_index(
             settings,
             dim,
             options,
-            deleted,
             storage_config,
             started,
         )
@@ -364,12 +363,10 @@ def _update_sharded(
     settings: outputs.OutputSettings,
     dim: int,
     options: IndexOptions,
-    deleted: set[str] | None,
     storage_config: StorageConfig | None,
     started: float,
 ) -> UpdateReport:
     """Build or update a compressed index (``bitray.search.build``)."""
-    from bitray.search.build import update_sharded
 
     all_files = outputs.committed_files(embeddings, "embeddings", storage_config, runs)
     count = vectors.count_rows(all_files, storage_config)
@@ -398,7 +395,6 @@ def _update_sharded(
         params,
         seed=options.seed,
         files_per_shard=options.files_per_shard,
-        deleted={_absolute(p) for p in deleted or ()},
         address=options.address,
         storage_config=storage_config,
         base=base,
@@ -469,6 +465,7 @@ class _Builder:
     def build(self, runs: list[str], settings: outputs.OutputSettings) -> SearchIndex:
         files = outputs.committed_files(self.embeddings, "embeddings", self.storage, runs)
         newest = vectors.newest_versions(files, runs, self.storage)
+        vectors.drop_deleted(newest, runs, deletions(self.embeddings, runs, self.storage))
         count = len(newest)
         if count == 0:
             raise BitrayError(f"{self.embeddings!r} holds no embedded image yet; nothing to index")
@@ -494,12 +491,16 @@ class _Builder:
     def extend(
         self, existing: SearchIndex, runs: list[str], new_runs: list[str]
     ) -> tuple[SearchIndex, int, int]:
-        """Add the live rows of ``new_runs``, removing the older vectors of paths they embed again."""
+        """Add the live rows of ``new_runs``, removing the older vectors of paths they embed again or found
+        deleted."""
         self.model_id = existing.meta.model_id
         files = outputs.committed_files(self.embeddings, "embeddings", self.storage, new_runs)
         newest = vectors.newest_versions(files, new_runs, self.storage)
+        deleted = deletions(self.embeddings, new_runs, self.storage)
+        gone = set().union(*deleted.values()) if deleted else set()
+        vectors.drop_deleted(newest, new_runs, deleted)
         old_paths = existing.rows.column("path")
-        superseded = pc.is_in(old_paths, value_set=pa.array(list(newest), pa.string()))
+        superseded = pc.is_in(old_paths, value_set=pa.array(list(gone | set(newest)), pa.string()))
         stale = existing.rows.filter(superseded).column("id").to_numpy()
         if len(stale):
             existing.index.remove_ids(np.asarray(stale, np.int64))

@@ -8,13 +8,17 @@ sit on ``SearchService``; ``bitray search --address`` uses it when it is up.
     SearchService.connect("s3://bucket/emb/_index").stop()
 
 Actors are named from the index URI in the ``bitray-search`` namespace, placed with Ray's ``SPREAD``
-strategy (one or more shards each, across nodes), and keep the generation they loaded: ``reload()``
-follows ``index.json`` after an update. Only compressed (``ivfpq``) indices are served.
+strategy (one or more shards each, across nodes). The coordinator follows ``index.json``: before a query
+it reads its generation (one small GET) if ``FOLLOW_S`` seconds have passed since the last look, or at
+once when the caller names a generation it does not serve; a new one starts new shard servers, warm, and
+only then retires the old ones, so an update is served without a restart (the query that finds it waits
+for the load). ``reload()`` forces it. Only compressed (``ivfpq``) indices are served.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +28,8 @@ from bitray.config import StorageConfig
 from bitray.errors import BitrayError
 
 NAMESPACE = "bitray-search"
+FOLLOW_S = 5.0
+"""At most one look at ``index.json`` per this many seconds (besides a caller's generation mismatch)."""
 
 
 def service_name(index_uri: str) -> str:
@@ -52,12 +58,30 @@ class _ShardServer:
 class _Coordinator:
     """Splits the shards among ``actors`` shard servers and merges their answers."""
 
-    def __init__(self, uri: str, actors: int, storage_json: str) -> None:
-        self.uri, self.actors, self.storage_json = uri, actors, storage_json
+    def __init__(self, uri: str, actors: int, storage_json: str, follow_s: float = FOLLOW_S) -> None:
+        self.uri, self.actors, self.storage_json, self.follow_s = uri, actors, storage_json, follow_s
         self.servers: list = []
         self.reload()
 
+    def follow(self, generation: str | None = None) -> str:
+        """Reload when ``index.json`` names another generation: looked at when ``follow_s`` passed since
+        the last look, or when ``generation`` (what a caller expects) is not the one served."""
+        import time
+
+        now = time.monotonic()
+        if (generation is None or generation == self.meta.generation) and now - self.looked < self.follow_s:
+            return self.meta.generation
+        self.looked = now
+        config = StorageConfig.model_validate_json(self.storage_json) if self.storage_json else None
+        data = storage.read_if_exists(storage.join(self.uri, "index.json"), config)
+        current = json.loads(data).get("generation") if data else None
+        if current and current != self.meta.generation:
+            return self.reload()
+        return self.meta.generation
+
     def reload(self) -> str:
+        import time
+
         import ray
 
         meta = _open(self.uri, None, self.storage_json, warm=False).meta
@@ -69,13 +93,19 @@ class _Coordinator:
         for old in self.servers:
             ray.kill(old)
         self.servers, self.meta = servers, meta
+        self.looked = time.monotonic()
         self.owner = {n: servers[i] for i, g in enumerate(groups) for n in g}
         return meta.generation
+
+    def served(self):  # noqa: ANN201 - an IndexMeta
+        """The meta of the generation served now (no look at ``index.json``)."""
+        return self.meta
 
     def shard_servers(self) -> list:
         return list(self.servers)
 
     def info(self) -> dict:
+        self.follow()
         return {
             "generation": self.meta.generation,
             "shards": len(self.owner),
@@ -85,11 +115,15 @@ class _Coordinator:
             "meta": self.meta,
         }
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None):  # noqa: ANN201
+    def search(  # noqa: ANN201
+        self, queries: np.ndarray, k: int, nprobe: int | None, generation: str | None = None
+    ):
+        """Follows ``index.json`` first; ``rows_of`` does not (its ids are of the generation searched)."""
         import ray
 
         from bitray.search.sharded import merge_top_k
 
+        self.follow(generation)
         parts = ray.get([s.search.remote(queries, k, nprobe) for s in self.servers])
         return merge_top_k(parts, k, len(queries))
 
@@ -127,9 +161,15 @@ class SearchService:
 
     @classmethod
     def start(
-        cls, index_uri: str, *, actors: int = 1, storage_config: StorageConfig | None = None
+        cls,
+        index_uri: str,
+        *,
+        actors: int = 1,
+        storage_config: StorageConfig | None = None,
+        follow_s: float = FOLLOW_S,
     ) -> SearchService:
-        """Start (or find) the service of ``index_uri`` on the connected Ray cluster."""
+        """Start (or find) the service of ``index_uri`` on the connected Ray cluster; it looks at
+        ``index.json`` at most every ``follow_s`` seconds."""
         import ray
 
         found = cls.connect(index_uri, storage_config)
@@ -143,7 +183,7 @@ class SearchService:
             get_if_exists=True,
         )
         storage_json = storage_config.model_dump_json() if storage_config else ""
-        return cls(index_uri, coordinator.remote(index_uri, actors, storage_json), storage_config)
+        return cls(index_uri, coordinator.remote(index_uri, actors, storage_json, follow_s), storage_config)
 
     @classmethod
     def connect(cls, index_uri: str, storage_config: StorageConfig | None = None) -> SearchService | None:
@@ -160,8 +200,9 @@ class SearchService:
         return int(self.info["count"])
 
     def search(
-        self, queries: np.ndarray, k: int = 10, nprobe: int | None = None
+        self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, generation: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
+        """``generation``: one the caller knows is committed (e.g. its own update's): served from it on."""
         import ray
 
         from bitray.search import vectors
@@ -171,7 +212,7 @@ class SearchService:
             raise BitrayError(
                 f"query vectors have {queries.shape[1]} dimensions, index {self.uri!r} has {self.info['dim']}"
             )
-        return ray.get(self.handle.search.remote(queries, int(k), nprobe))
+        return ray.get(self.handle.search.remote(queries, int(k), nprobe, generation))
 
     def rows_of(self, ids: np.ndarray) -> pa.Table:
         import ray
@@ -184,9 +225,12 @@ class SearchService:
         return ray.get(self.handle.id_of.remote(path))
 
     def vectors_of(self, ids: np.ndarray) -> np.ndarray:
-        """Exact vectors, read from the embedding Parquet by this process."""
+        """Exact vectors, read from the embedding Parquet by this process (of the generation served)."""
+        import ray
+
         from bitray.search.sharded import ShardedIndex
 
+        self.meta = ray.get(self.handle.served.remote())
         return ShardedIndex(self.uri, self.meta, self.storage).vectors_of(ids)
 
     def reload(self) -> str:

@@ -4,8 +4,13 @@ Shards are memory-mapped (``faiss.IO_FLAG_MMAP``) from the index directory, or f
 for an object-store index, when a query first needs them; each shard's rows (path, object version, file,
 row) are read when a result needs them. A query searches every shard (``nprobe`` cells each), skipping
 masked ids through an ``IDSelector``, and merges the top-k. ``rerank`` reads the exact vectors of that many
-candidates from the embedding Parquet (one row group per candidate's file) and re-orders them by exact
-cosine. The same class, given a subset of shard numbers, is what a search service actor holds.
+candidates from the embedding Parquet and re-orders them by exact cosine: the candidates of all queries
+at once, each distinct row group that holds one decoded once (``embedding`` column only), 8 files read
+in parallel. Its cost is the row groups touched (one per candidate at scale: 2,048 rows, 16 MB at 2048-d,
+a row group is Parquet's smallest readable unit here). Measured (2048-d, row groups of 2,048 rows, 12
+files, 50 candidates a query, 2 loaded cores): one query 1.0 s before, 0.44-0.79 s now; 10 queries
+batched 0.11 s a query (they share row groups at this small scale, about 1/3 of what 2M rows would
+share). The same class, given a subset of shard numbers, is what a search service actor holds.
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ import pyarrow.parquet as pq
 from bitray import storage
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
+from bitray.prefetch import prefetched
 from bitray.search import vectors
 from bitray.search.shards import shard_uri
+
+READ_THREADS = 8
+"""Embedding files read at once when re-ranking (Arrow decodes outside the GIL; object stores overlap)."""
 
 
 class ShardedIndex:
@@ -126,26 +135,37 @@ class ShardedIndex:
         return None
 
     def vectors_of(self, ids: np.ndarray) -> np.ndarray:
-        """Exact unit vectors of ``ids`` from the embedding Parquet (one row group read per distinct one)."""
+        """Exact unit vectors of ``ids`` from the embedding Parquet: each distinct row group that holds one
+        read once (``embedding`` column only), files read by ``READ_THREADS`` threads."""
         rows = self.rows_of(ids)
         out = np.empty((len(ids), self.meta.dim), np.float32)
         files, positions = rows.column("file").to_pylist(), rows.column("row").to_pylist()
         wanted: dict[str, list[tuple[int, int]]] = {}
         for i, (uri, row) in enumerate(zip(files, positions, strict=True)):
             wanted.setdefault(uri, []).append((i, row))
-        for uri, items in wanted.items():
+
+        def read(item: tuple[str, list[tuple[int, int]]]) -> list[tuple[list[int], np.ndarray]]:
+            uri, items = item
             fs, path = storage.filesystem_for(uri, self.storage)
+            found = []
             with fs.open_input_file(path) as handle:
                 parquet = pq.ParquetFile(handle)
                 starts = np.cumsum(
                     [0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
                 )
-                for group in sorted({int(np.searchsorted(starts, r, "right") - 1) for _, r in items}):
-                    column = parquet.read_row_group(group, columns=["embedding"]).column(0)
-                    block = vectors.to_vectors(column)
-                    for i, row in items:
-                        if starts[group] <= row < starts[group + 1]:
-                            out[i] = block[row - starts[group]]
+                where = np.array([i for i, _ in items])
+                rows_in = np.array([r for _, r in items])
+                groups = np.searchsorted(starts, rows_in, "right") - 1
+                for group in np.unique(groups):
+                    column = parquet.read_row_group(int(group), columns=["embedding"]).column(0)
+                    hit = groups == group
+                    block = vectors.to_vectors(column.take(pa.array(rows_in[hit] - starts[group])))
+                    found.append((where[hit].tolist(), block))
+            return found
+
+        for found in prefetched(read, wanted.items(), READ_THREADS):
+            for where, block in found:
+                out[where] = block
         return out
 
     @property
@@ -199,13 +219,15 @@ class ShardedIndex:
         return self._rows[number]
 
     def _rerank(self, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosine of every query's candidates, their vectors read once for all queries."""
+        live = np.unique(ids[ids >= 0])
+        exact = self.vectors_of(live) if len(live) else np.empty((0, self.meta.dim), np.float32)
         sims = np.full(ids.shape, -np.inf, np.float32)
         for q in range(len(queries)):
-            live = ids[q] >= 0
-            exact = self.vectors_of(ids[q][live]) @ queries[q]
-            sims[q, : live.sum()] = exact
-            ids[q, : live.sum()] = ids[q][live]
-            ids[q, live.sum() :] = -1
+            mine = ids[q][ids[q] >= 0]
+            sims[q, : len(mine)] = exact[np.searchsorted(live, mine)] @ queries[q]
+            ids[q, : len(mine)] = mine
+            ids[q, len(mine) :] = -1
             order = np.argsort(-sims[q], kind="stable")
             sims[q], ids[q] = sims[q][order], ids[q][order]
         return sims, ids

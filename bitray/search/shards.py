@@ -10,7 +10,8 @@ encodes and adds them to a copy of the trained index with ids ``(shard number <<
 shard's codes. Names are deterministic (run, file names, quantiser), so a rerun after a kill at any point
 skips the committed shards and rebuilds a half-written one from scratch: no vector is added twice.
 
-**Commit.** Superseded versions (a path embedded again by a later run) and deleted paths are *masked*
+**Commit.** Superseded versions (a path embedded again by a later run) and paths a later incremental
+embedding run found deleted (``bitray.outputs.deleted_paths``) are *masked*
 (``masked-<generation>.npy``, ids filtered at search time by a faiss ``IDSelector``), then ``index.json``
 is written by compare-and-swap (``bitray.search.commit``): of two concurrent updates one wins; the other
 deletes the files only it wrote and fails with a message.
@@ -27,9 +28,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import resource
-import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bitray import storage
+from bitray import storage, testhooks
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
 from bitray.search import vectors
@@ -58,12 +57,8 @@ SHARD_ROWS_SCHEMA = vectors.ROWS_SCHEMA.append(pa.field("file", pa.string())).ap
     pa.field("row", pa.int32())
 )
 """A shard's rows: the index's, plus where each vector's full-precision copy is (for re-ranking)."""
-KILL_ENV = "BITRAY_TEST_INDEX_KILL_AFTER"
-"""Tests only: the driver kills itself once this many shard tasks have finished."""
 ROWS_GROUP = 4096
 """Rows per row group of a shard's rows file: a query reads the groups of its results only."""
-CRASH_ENV = "BITRAY_TEST_SHARD_CRASH"
-"""Tests only: a marker path; the task of shard number 1 exits once (creating it) before its commit."""
 
 
 @dataclass
@@ -174,10 +169,8 @@ def build_shard(index_uri: str, template: str, job: ShardJob, storage_config: St
             tables.append(_rows_of(batch, ids, uri, row))
             local += len(vecs)
             row += len(vecs)
-    marker = os.environ.get(CRASH_ENV)
-    if marker and job.number == 1 and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(3)
+    if job.number == 1:
+        testhooks.exit_once(testhooks.SHARD_CRASH)
     rows = pa.concat_tables(tables) if tables else SHARD_ROWS_SCHEMA.empty_table()
     buffer = pa.BufferOutputStream()
     pq.write_table(rows, buffer, row_group_size=ROWS_GROUP)
@@ -216,18 +209,18 @@ def build_shards(
     from bitray.ray_session import connect
 
     connect(address)
-    env = {CRASH_ENV: os.environ[CRASH_ENV]} if os.environ.get(CRASH_ENV) else {}
+    env = testhooks.forwarded()
     task = ray.remote(build_shard).options(
         num_cpus=1, max_retries=3, runtime_env={"env_vars": env} if env else None
     )
     pending = [task.remote(index_uri, template, job, storage_config) for job in jobs]
-    kill_after = int(os.environ.get(KILL_ENV, "0"))
+    kill_after = int(testhooks.value(testhooks.INDEX_KILL_AFTER) or 0)
     if kill_after:  # tests: the driver dies (SIGKILL) once that many shards are committed
         done: list = []
         while len(done) < kill_after:
             ready, _ = ray.wait([p for p in pending if p not in done], num_returns=1)
             done += ready
-        os.kill(os.getpid(), signal.SIGKILL)
+        testhooks.kill_self()
     return ray.get(pending)
 
 
@@ -237,20 +230,25 @@ def masked_ids(
     runs: list[str],
     fresh: set[int],
     remember_oldest: bool,
-    deleted: set[str],
+    deleted: dict[str, set[str]],
     storage_config: StorageConfig | None,
 ) -> np.ndarray:
-    """Ids of superseded versions (their path is in a later run's shard) and of ``deleted`` paths.
+    """Ids of superseded versions (their path is in a later run's shard) and of paths a later run found
+    deleted (``deleted``: run -> paths, ``bitray.outputs.deleted_paths``).
 
     Runs are walked newest first; the paths of ``fresh`` shards are remembered (all but the oldest run's
-    when ``remember_oldest`` is false: nothing older can be superseded by them), so memory holds the paths
-    of the new runs only. Older shards are read (id and path columns) only when there is something to mask.
+    when ``remember_oldest`` is false: nothing older can be superseded by them), and a run's deletions once
+    its own shards are passed, so memory holds the paths of the new runs and their deletions only. Older
+    shards are read (id and path columns) only when there is something to mask.
     """
     rank = {run: i for i, run in enumerate(runs)}
     oldest = runs[0] if runs else None
-    seen: set[str] = set(deleted)
+    pending = sorted((run for run in deleted if run in rank), key=lambda run: -rank[run])
+    seen: set[str] = set()
     out = []
     for record in sorted(shards, key=lambda r: (-rank.get(r["run"], -1), -r["number"])):
+        while pending and rank[pending[0]] > rank.get(record["run"], -1):
+            seen |= deleted[pending.pop(0)]
         if not seen and record["number"] not in fresh:
             continue
         table = pq.read_table(

@@ -18,9 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bitray import storage
+from bitray.config import StorageConfig
 from bitray.embed.layout import OutputLayout
+from bitray.embed.manifest import ManifestWriter
 from bitray.embed.params import InputCounts, ManifestPart, RunParams
 from bitray.embed.state import IncrementalState, record_run
+from bitray.storage import ObjectInfo
 
 MODEL = "random:tiny"
 MODEL_ID = "bit-tiny@random-init"
@@ -33,8 +36,10 @@ def write_run(
     *,
     rows_per_file: int = 8192,
     model_id: str = MODEL_ID,
+    deleted: list[str] | None = None,
 ) -> int:
-    """Write ``(paths, vectors)`` batches (each at most ``rows_per_file`` rows) as one finished run."""
+    """Write ``(paths, vectors)`` batches (each at most ``rows_per_file`` rows) as one finished run, which
+    found ``deleted`` paths gone, as an incremental run records them."""
     from bitray.embed.layout import part_name
 
     layout = OutputLayout(output if storage.is_remote(output) else str(storage.local_path(output)), None)
@@ -63,6 +68,9 @@ def write_run(
         storage.write_bytes(uri, buffer.getvalue().to_pybytes())
         total += count
         files = n + 1
+    writer = ManifestWriter(layout.deleted_dir(run_id), StorageConfig())
+    for path in sorted(deleted or []):
+        writer.add(ObjectInfo(path, 0))
     params = RunParams(
         run_id=run_id,
         model=MODEL,
@@ -78,10 +86,11 @@ def write_run(
         mixed_precision=False,
         incremental=True,
         inputs=["synthetic"],
-        counts=InputCounts(listed=total, new=total),
+        counts=InputCounts(listed=total, new=total, deleted=len(deleted or [])),
         # The run's rows, as a real run's manifest counts them (readers of the output's settings need them;
         # the manifest file itself is never read once a run has finished).
         manifest=[ManifestPart(name="synthetic", first_row=0, rows=total)],
+        deleted=writer.close(),
     )
     params.save(layout)
     summary = {"run_id": run_id, "output": layout.output, "inputs": total, "embedded": total, "errored": 0}

@@ -86,6 +86,15 @@ def newest_versions(
     return newest
 
 
+def drop_deleted(newest: dict[str, str], run_order: Sequence[str], deleted: dict[str, set[str]]) -> None:
+    """Remove from ``newest`` the paths a run later than their live row's found deleted."""
+    rank = {run: i for i, run in enumerate(run_order)}
+    for run, paths in deleted.items():
+        for path in paths:
+            if path in newest and rank[run] > rank[newest[path]]:
+                del newest[path]
+
+
 def live_mask(batch: pa.RecordBatch, newest: dict[str, str]) -> np.ndarray:
     """Which rows of ``batch`` (with ``path`` and ``run_id``) are their object's live version."""
     paths = batch.column("path").to_pylist()
