@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bitray import storage
+from bitray.collection import current_data
 from bitray.config import EmbedConfig
 from bitray.embed import pipeline
 from bitray.embed.commit import RunCommitter, publisher_for
@@ -71,6 +72,7 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
     """
     started = time.monotonic()
     check_cpu_precision(config.cpu_precision, config.model)
+    config = following(config)
     layout = output_layout(config)
     if joins_existing_cluster(address):
         check_local_paths(config, layout.output, address)
@@ -103,6 +105,13 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
         return _execute(layout, params, state, lock, address, started)[0]
 
 
+def following(config: EmbedConfig) -> EmbedConfig:
+    """``config`` writing into the current version when its output is a collection root (read once, so a
+    switch during the run cannot split it across two versions)."""
+    data = current_data(config.output, config.storage)
+    return config if data == config.output.rstrip("/") else config.model_copy(update={"output": data})
+
+
 def describe_counts(counts: InputCounts) -> str:
     """'12 image(s) to embed (10 new, 0 changed, 2 recorded errors retried), 88 unchanged'."""
     retried = f", {counts.retried} recorded error(s) retried" if counts.retried else ""
@@ -112,7 +121,7 @@ def describe_counts(counts: InputCounts) -> str:
 
 def dry_run_embedding(config: EmbedConfig) -> DryRun:
     """What ``run_embedding(config)`` would do: lists and diffs, writes nothing, starts no Ray work."""
-    layout = output_layout(config)
+    layout = output_layout(following(config))
     return dry_run(config, layout, IncrementalState.load(layout), layout.run_ids())
 
 
