@@ -83,6 +83,10 @@ class VersionRecord(BaseModel):
     retired: float | None = None
     """When it was retired (Unix time): ``gc`` counts its retention from here."""
     gate: GateResult | None = None
+    job: str | None = None
+    """The Ray job that embeds into it now or did last (a schedule's backfill, ``bitray.backfill``)."""
+    caught_up: bool = False
+    """The backfill finished and the catch-up pass (what arrived meanwhile) was submitted."""
 
 
 class Pointer(BaseModel):

@@ -117,6 +117,8 @@ def counts(output: str, storage: StorageConfig | None = None, *, follow: bool = 
     finished run. An image re-embedded after it changed counts once per run that embedded it."""
     layout = _layout(output, storage, follow=follow)
     state = IncrementalState.load(layout)
+    if not state.finished:
+        return 0, 0
     rows = sum((layout.read_summary(run) or {}).get("embedded", 0) for run in state.finished)
     return rows, len(retry.open_errors(layout, state))
 
