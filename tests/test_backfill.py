@@ -97,3 +97,37 @@ def test_a_moved_alias_is_backfilled_caught_up_gated_and_switched(ray_head, regi
     assert outputs.settings(str(root)).model == "models:/tiny/2"
     assert outputs.counts(str(root))[0] == 6  # every image, the late one too
     assert (Path(switched.uri) / "_index" / "index.json").exists()
+
+
+def test_a_killed_backfill_is_resubmitted_and_an_overtaken_one_abandoned(ray_head, registry, tmp_path):  # noqa: F811
+    from bitray import tracking
+
+    images, root = tmp_path / "images", tmp_path / "emb"
+    images.mkdir()
+    for n in range(2):
+        write_png(images / f"{n}.png", n)
+    config = tmp_path / "nightly.yaml"
+    config.write_text(
+        yaml.safe_dump(tiny_embed_config(str(images), str(root), model="models:/tiny@champion"))
+    )
+    jobs = Jobs(ray_head)
+    env = {"MLFLOW_TRACKING_URI": registry["uri"]}
+    state = str(tmp_path / "state.json")
+    scheduler = Scheduler(EVERY_5_MIN, config, jobs, state_uri=state, clock=Clock(at(0)), env=env,
+                          tracking_uri=registry["uri"])  # fmt: skip
+    assert jobs.wait(scheduler.tick()[0].submission_id, timeout_s=300).status == "SUCCEEDED"
+
+    tracking.set_alias(registry["uri"], "tiny", "champion", "2")
+    [started] = scheduler.backfills.tick()
+    assert (started.version, started.outcome) == ("tiny-2", "started")
+    assert jobs.stop(started.job, wait_s=60).status == "STOPPED"  # the backfill's driver is killed
+    [resumed] = scheduler.backfills.tick()
+    assert (resumed.outcome, resumed.job) == ("resubmitted", started.job[:-1] + "2")
+
+    tracking.set_alias(registry["uri"], "tiny", "champion", "1")  # the promotion is rolled back
+    [abandoned] = scheduler.backfills.tick()
+    assert (abandoned.version, abandoned.outcome) == ("tiny-2", "abandoned")
+    assert jobs.status(resumed.job).is_terminal
+    assert scheduler.backfills.tick() == []  # the current model again: nothing to backfill
+    states = {v.name: v.state for v in Collection(str(root)).versions()}
+    assert states == {"v0": "current", "tiny-2": "retired"}  # kept until bitray outputs gc
