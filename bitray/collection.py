@@ -42,7 +42,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bitray import storage
-from bitray.config import StorageConfig
+from bitray.config import EmbedConfig, StorageConfig
 from bitray.errors import BitrayError
 
 ROOT_VERSION = "v0"
@@ -138,6 +138,13 @@ def current_data(root: str, storage_config: StorageConfig | None = None) -> str:
     """The data path readers of ``root`` use: the current version's for a collection, else ``root`` (one
     GET)."""
     return Collection(root, storage_config).current_uri()
+
+
+def following(config: EmbedConfig) -> EmbedConfig:
+    """``config`` writing into the current version when its output is a collection root (read once, so a
+    switch during a run cannot split the run across two versions)."""
+    data = current_data(config.output, config.storage)
+    return config if data == config.output.rstrip("/") else config.model_copy(update={"output": data})
 
 
 class Collection:

@@ -40,9 +40,9 @@ from croniter import croniter
 
 from bitray import storage
 from bitray.backfill import Backfills, follows_model
+from bitray.collection import following
 from bitray.config import EmbedConfig, load_config
 from bitray.embed.layout import output_layout
-from bitray.embed.run import following
 from bitray.errors import BitrayError
 from bitray.jobs import JobInfo, Jobs, SubmissionIdTaken, config_digest
 from bitray.redaction import redacted

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bitray import storage
-from bitray.collection import current_data
+from bitray.collection import following
 from bitray.config import EmbedConfig
 from bitray.embed import pipeline
 from bitray.embed.commit import RunCommitter, publisher_for
@@ -103,13 +103,6 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
         if changed := params.differences(config):
             print(f"bitray: run {run_id} keeps its own settings: {', '.join(changed)}", flush=True)
         return _execute(layout, params, state, lock, address, started)[0]
-
-
-def following(config: EmbedConfig) -> EmbedConfig:
-    """``config`` writing into the current version when its output is a collection root (read once, so a
-    switch during the run cannot split it across two versions)."""
-    data = current_data(config.output, config.storage)
-    return config if data == config.output.rstrip("/") else config.model_copy(update={"output": data})
 
 
 def describe_counts(counts: InputCounts) -> str:
