@@ -17,8 +17,9 @@ version (``bitray.collection``):
 4. **Catch-up.** When a job of the version succeeds, one more incremental job brings it level with the
    bucket (what arrived during the backfill); its success makes the version complete.
 5. **Promote.** ``bitray.promote``: the version's index, the gate (``gate`` in the config), the switch
-   (expecting the version the gate compared against). A failing gate leaves the version complete and
-   unswitched, its reason in the record (``bitray outputs``) and MLflow; the schedule does not retry it.
+   (expecting the version the gate compared against). A failing gate (or one that cannot be evaluated)
+   leaves the version complete and unswitched, its reason in the record (``bitray outputs``) and MLflow;
+   the schedule does not retry it: ``bitray outputs switch`` lets a person decide.
 6. **Abandon.** A version still backfilling when the alias has moved on is stopped and retired (its data
    stays until ``bitray outputs gc``), and the newer model's version starts.
 
@@ -35,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from bitray import outputs
-from bitray.collection import Collection, Version, name_for
+from bitray.collection import Collection, GateResult, Version, name_for, now
 from bitray.config import EmbedConfig
 from bitray.embed.settings import resolved_model
 from bitray.errors import BitrayError
@@ -148,8 +149,12 @@ class Backfills:
                 version.name, record.resolved or "", attempt + 1, "catching up", caught_up=True
             )
         self.collection.update(version.name, state="complete")
-        done = promote(self.collection.root, version.name, gate=self.gate, expect=current,
-                       storage_config=self.config.storage)  # fmt: skip
+        try:
+            done = promote(self.collection.root, version.name, gate=self.gate, expect=current,
+                           storage_config=self.config.storage)  # fmt: skip
+        except BitrayError as exc:  # e.g. no labelled image embedded: recorded, and left to a person
+            self.collection.update(version.name, gate=GateResult(passed=False, reason=str(exc), at=now()))
+            return Step(version.name, "gate failed", str(exc))
         if done.switched:
             return Step(version.name, "switched", f"from {done.previous}")
         return Step(version.name, "gate failed", done.gate.reason if done.gate else "")
