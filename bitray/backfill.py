@@ -8,8 +8,8 @@ version (``bitray.collection``):
    state ``backfilling`` and its backfill submitted as its own Ray job: an incremental embedding of the
    config's inputs into ``ROOT/versions/<name>/`` with that model. Both are made once: the version's record
    is created only if absent and the job's submission id (``bitray-backfill-<digest>-<name>-1``) is
-   refused by Ray a second time, so two schedulers, or one restarted, never start a version twice. At most
-   ``max_concurrent_backfills`` versions backfill at once.
+   refused by Ray a second time, so two schedulers, or one restarted, never start a version twice. A new
+   backfill waits while ``max_concurrent_backfills`` backfill jobs (of any schedule) run on the cluster.
 2. **Meanwhile** the cron windows keep the current version up to date with the *current* model
    (``window_model``): new images stay searchable throughout.
 3. **Resume.** A backfill job that failed or was stopped is submitted again (``-2``, ``-3``, ...): the run
@@ -44,6 +44,9 @@ from bitray.jobs import JobInfo, Jobs, SubmissionIdTaken
 from bitray.promote import Gate, promote
 
 log = logging.getLogger(__name__)
+
+BACKFILL_TAG = "bitray.backfill.version"
+"""Job metadata naming the version a backfill job embeds."""
 
 
 def follows_model(config: EmbedConfig) -> bool:
@@ -103,12 +106,11 @@ class Backfills:
                 steps.append(self._advance(version, current[0]))
         known = {v.record.resolved for v in self.collection.versions() if v.record.state != "retired"}
         if wanted != current[1] and wanted not in known:
-            active = sum(v.record.state == "backfilling" for v in self.collection.versions())
             name = name_for(wanted)
-            if active >= self.config.max_concurrent_backfills:
-                steps.append(
-                    Step(name, "waiting", f"{active} backfill(s) running (max_concurrent_backfills)")
-                )
+            active = self._running_backfills()
+            if len(active) >= self.config.max_concurrent_backfills:
+                why = f"backfill job(s) {', '.join(active)} running on the cluster (max_concurrent_backfills)"
+                steps.append(Step(name, "waiting", why))
             else:
                 steps.append(self._start(name, wanted))
         for step in steps:
@@ -126,6 +128,10 @@ class Backfills:
             if row["state"] == "current" and row["model"]:
                 return row["name"], row["model"]
         return None
+
+    def _running_backfills(self) -> list[str]:
+        """Backfill jobs of any schedule still running on the cluster: the limit is the cluster's."""
+        return [j.submission_id for j in self.jobs.list() if BACKFILL_TAG in j.metadata and not j.is_terminal]
 
     def _start(self, name: str, model: str) -> Step:
         try:
@@ -177,7 +183,7 @@ class Backfills:
                      "run_id": job, "index": None}  # fmt: skip
         try:
             self.jobs.submit("embed", self.config_path, submission_id=job, env=self.env, overrides=overrides,
-                             metadata={"bitray.backfill.version": name})  # fmt: skip
+                             metadata={BACKFILL_TAG: name})  # fmt: skip
         except SubmissionIdTaken:
             pass  # submitted by an earlier scheduler: watch that job instead
         except BitrayError as exc:

@@ -147,7 +147,8 @@ class EmbedConfig(Section):
     ``bitray evaluate`` on ``labels`` scores it no worse than the current one by more than ``tolerance``
     (``bitray.backfill``); ``null``: it becomes current when complete."""
     max_concurrent_backfills: int = Field(1, ge=1)
-    """``bitray schedule``: versions backfilled at once when the model moves (``bitray.backfill``)."""
+    """``bitray schedule``: a moved model's backfill waits while this many backfill jobs (of any schedule)
+    run on the cluster, so the windows are not starved (``bitray.backfill``)."""
     storage: StorageConfig = StorageConfig()
 
     @field_validator("image_size")

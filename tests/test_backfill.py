@@ -17,7 +17,9 @@ from test_embed_settings import registry  # noqa: F401 - the fixture
 from test_schedule import Clock, write_png
 
 from bitray import outputs
+from bitray.backfill import Backfills
 from bitray.collection import Collection
+from bitray.config import EmbedConfig, load_config
 from bitray.jobs import Jobs
 from bitray.schedule import Scheduler
 
@@ -120,6 +122,19 @@ def test_a_killed_backfill_is_resubmitted_and_an_overtaken_one_abandoned(ray_hea
     tracking.set_alias(registry["uri"], "tiny", "champion", "2")
     [started] = scheduler.backfills.tick()
     assert (started.version, started.outcome) == ("tiny-2", "started")
+    # another schedule's model moves too: its backfill waits while this one runs (max_concurrent_backfills: 1)
+    other = Collection(str(tmp_path / "other"))
+    other.add("tiny-1", resolved="models:/tiny/1")
+    other.update("tiny-1", state="complete")
+    other.switch("tiny-1")
+    config_2 = tmp_path / "other.yaml"
+    config_2.write_text(
+        yaml.safe_dump(tiny_embed_config(str(images), other.root, model="models:/tiny@champion"))
+    )
+    [waiting] = Backfills(load_config(EmbedConfig, config_2), config_2, "other", jobs, env=env).tick()
+    assert (waiting.outcome, started.job in waiting.reason) == ("waiting", True)
+    assert [v.name for v in other.versions()] == ["tiny-1"]
+
     assert jobs.stop(started.job, wait_s=60).status == "STOPPED"  # the backfill's driver is killed
     [resumed] = scheduler.backfills.tick()
     assert (resumed.outcome, resumed.job) == ("resubmitted", started.job[:-1] + "2")
