@@ -214,7 +214,8 @@ def run_service(args: argparse.Namespace) -> int:
     from bitray.search.service import SearchService
 
     connect(args.address)
-    service = SearchService.connect(args.index.rstrip("/"))
+    index_uri = following_index(args.index).rstrip("/")  # a collection root: its current version's index
+    service = SearchService.connect(index_uri)
     if args.stop:
         if service is not None:
             service.stop()
@@ -222,7 +223,7 @@ def run_service(args: argparse.Namespace) -> int:
         return 0
     if service is not None and args.reload:
         service.reload()
-    service = service or SearchService.start(args.index.rstrip("/"), actors=args.actors)
+    service = service or SearchService.start(index_uri, actors=args.actors)
     info = {k: v for k, v in service.info.items() if k != "meta"}
     print(json.dumps({"index": args.index, **info}))
     return 0
