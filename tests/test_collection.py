@@ -14,7 +14,8 @@ import pytest
 
 from bitray import outputs, storage
 from bitray.cli import main
-from bitray.collection import Collection, SwitchConflict
+from bitray.collection import Collection, SwitchConflict, following
+from bitray.config import EmbedConfig
 from bitray.search.synthetic import batches_of, write_run
 
 CLASSES, PER_CLASS, DIM = 4, 10, 16
@@ -101,6 +102,8 @@ def test_a_switch_is_one_conditional_write_that_readers_follow_at_once(old_outpu
     assert main(["search", "--index", old_output, "--path", "/data/c0/new.png", "-k", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["path"].startswith("/data/c0/")
 
+    assert following(EmbedConfig(output=old_output)).output == v2  # bitray embed --output ROOT writes there
+
     with pytest.raises(SwitchConflict, match="not 'v0'"):  # a stale expectation, in the library
         Collection(old_output).switch("v0", expect="v0")
 
@@ -145,6 +148,10 @@ def test_the_gate_keeps_the_current_version_unless_the_new_one_is_as_good(
     assert main(["outputs", "switch", old_output, "better", "--labels", labels]) == 0
     assert outputs.settings(old_output).model_id == "bit-tiny@better"
 
+    capsys.readouterr()
+    assert main(["evaluate", "--embeddings", old_output, "--labels", labels, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new"]["embeddings"] == collection.current().uri
+
     client = MlflowClient(mlflow_tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("bitray-embed").experiment_id])
     verdicts = {r.data.params["version"]: r.data.tags["bitray.gate"] for r in runs}
@@ -152,7 +159,7 @@ def test_the_gate_keeps_the_current_version_unless_the_new_one_is_as_good(
     assert "linear_top1" in runs[0].data.metrics
 
 
-def test_a_switch_on_s3_follows_and_refuses_a_stale_expectation(s3_bucket):
+def test_on_s3_a_switch_follows_refuses_a_stale_expectation_and_gc_deletes_v0(s3_bucket):
     root = f"s3://{s3_bucket}/emb"
     embed(root, "a", "bit-tiny@v1")
     collection = Collection(root)
@@ -165,3 +172,7 @@ def test_a_switch_on_s3_follows_and_refuses_a_stale_expectation(s3_bucket):
     with pytest.raises(SwitchConflict):
         collection.switch("v0", expect="v0")
     assert storage.exists(f"{root}/_bitray/current") and outputs.data_path(root) == v2
+    assert main(["outputs", "retire", root, "v0"]) == 0 and main(["outputs", "gc", root, "--keep", "0"]) == 0
+    assert outputs.versions(root)[0] == [{"name": "v2", "state": "current", "model": "random:tiny",
+        "model_id": "bit-tiny@v2", "images": 40, "errors": 0, "gate": None, "data": v2}]  # fmt: skip
+    assert not storage.list_names(f"{root}/embeddings") and outputs.finished_runs(root) == ["b"]
