@@ -278,7 +278,10 @@ class Scheduler:
         events: list[WindowEvent] = []
         running = self._collect_active(events)
         if self.backfills is not None:
-            self.backfills.tick()  # a moved model: backfill, catch up, gate, switch (bitray.backfill)
+            try:
+                self.backfills.tick()  # a moved model: backfill, catch up, gate, switch (bitray.backfill)
+            except BitrayError as exc:  # never at the windows' cost: they keep the current version fresh
+                log.error("backfill: %s", exc)
         if self.state.last_window is None:
             # A first start owes nothing from before it; a window that started within `grace` still runs.
             self.state.last_window = (now - self.grace - timedelta(microseconds=1)).isoformat()
