@@ -64,6 +64,15 @@ IMAGE_EXTENSIONS = (
 )
 
 
+class GateConfig(Section):
+    """The quality gate of a scheduled switch to a new model's version (``EmbedConfig.gate``)."""
+
+    labels: str
+    """``path,label`` CSV/Parquet or class folders, as ``bitray evaluate --labels``."""
+    tolerance: float = Field(0.01, ge=0, le=1)
+    """The largest drop of any metric allowed against the current version."""
+
+
 class EmbedConfig(Section):
     """``bitray embed``: which images, which model, how many actors, where the Parquet goes.
 
@@ -133,6 +142,13 @@ class EmbedConfig(Section):
     index: str | None = None
     """After the run, add the output's newly finished runs to the nearest-neighbour index at this URI (as
     ``bitray index --embeddings OUTPUT --index URI`` does; built on first use); ``null``: no index."""
+    gate: GateConfig | None = None
+    """``bitray schedule`` with a ``models:/NAME@ALIAS`` model: a backfilled version becomes current only if
+    ``bitray evaluate`` on ``labels`` scores it no worse than the current one by more than ``tolerance``
+    (``bitray.backfill``); ``null``: it becomes current when complete."""
+    max_concurrent_backfills: int = Field(1, ge=1)
+    """``bitray schedule``: a moved model's backfill waits while this many backfill jobs (of any schedule)
+    run on the cluster, so the windows are not starved (``bitray.backfill``)."""
     storage: StorageConfig = StorageConfig()
 
     @field_validator("image_size")

@@ -3,6 +3,10 @@
 The search layer reads outputs only through these functions; the layout itself is the embedding
 pipeline's business (``bitray.embed.layout``). Every file under ``OUT/embeddings/`` and ``OUT/errors/``
 is committed (the pipeline publishes nothing else there) and names its run: ``part-<run>-<uid>.parquet``.
+
+Every function takes an output or a collection root (``bitray.collection``): a root is read through its
+current version (``data_path``, one GET), so a reader follows a switch at once. A caller making several
+calls that must see one version resolves ``data_path`` once and passes the version's path.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
+from bitray import collection
+from bitray.collection import current_data
 from bitray.config import EmbedConfig, StorageConfig
 from bitray.embed import retry, state
 from bitray.embed.layout import DATA_KINDS, OutputLayout, output_layout
@@ -21,6 +27,7 @@ from bitray.errors import BitrayError
 __all__ = [
     "OutputSettings",
     "committed_files",
+    "data_path",
     "deleted_paths",
     "finished_runs",
     "open_errors",
@@ -29,8 +36,15 @@ __all__ = [
 ]
 
 
-def _layout(output: str, storage: StorageConfig | None) -> OutputLayout:
-    return output_layout(EmbedConfig(output=output, storage=storage or StorageConfig()))
+def data_path(output: str, storage: StorageConfig | None = None) -> str:
+    """The path whose files hold ``output``'s rows: a collection's current version, else ``output``."""
+    return current_data(output, storage)
+
+
+def _layout(output: str, storage: StorageConfig | None, *, follow: bool = True) -> OutputLayout:
+    """The layout of ``output``'s data: its current version's when ``follow`` (readers), else its own."""
+    data = data_path(output, storage) if follow else output
+    return output_layout(EmbedConfig(output=data, storage=storage or StorageConfig()))
 
 
 def finished_runs(output: str, storage: StorageConfig | None = None) -> list[str]:
@@ -105,3 +119,42 @@ def open_errors(output: str, storage: StorageConfig | None = None) -> list[retry
     """Object versions whose latest result is an error row: what ``bitray embed --retry-errors`` takes."""
     layout = _layout(output, storage)
     return retry.open_errors(layout, IncrementalState.load(layout))
+
+
+def counts(output: str, storage: StorageConfig | None = None, *, follow: bool = True) -> tuple[int, int]:
+    """(rows embedded by the finished runs, object versions whose latest result is an error): one GET per
+    finished run. An image re-embedded after it changed counts once per run that embedded it."""
+    layout = _layout(output, storage, follow=follow)
+    state = IncrementalState.load(layout)
+    if not state.finished:
+        return 0, 0
+    rows = sum((layout.read_summary(run) or {}).get("embedded", 0) for run in state.finished)
+    return rows, len(retry.open_errors(layout, state))
+
+
+def versions(root: str, storage: StorageConfig | None = None) -> tuple[list[dict], str | None]:
+    """The versions of a collection root (``bitray.collection``; an output made before collections is one
+    version, ``v0``) as rows of name, state, model, model id, images, errors, gate and data path; and the
+    current version's data path (None when no version is current). Each version is read at its own data
+    path: v0's is ROOT itself, which readers of ROOT follow to the current version."""
+    rows = []
+    current = None
+    for version in collection.Collection(root, storage).versions():
+        layout = _layout(version.uri, storage, follow=False)
+        found = recorded_settings(layout, IncrementalState.load(layout))
+        images, errors = counts(version.uri, storage, follow=False)
+        record = version.record
+        rows.append(
+            {
+                "name": version.name,
+                "state": version.state,
+                "model": record.resolved or record.model or (found.model if found else None),
+                "model_id": found.model_id if found else record.model_id,
+                "images": images,
+                "errors": errors,
+                "gate": record.gate.model_dump() if record.gate else None,
+                "data": version.uri,
+            }
+        )
+        current = version.uri if version.current else current
+    return rows, current

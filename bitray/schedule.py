@@ -15,6 +15,10 @@ Each ``tick`` (called by ``run_forever``, or directly by tests with an injected 
    ``all`` queues every one and runs them in order, one job at a time;
 3. submits at most one window. A window that finds the previous job still running is skipped.
 
+With a ``models:/NAME@ALIAS`` model, each tick also advances the backfills of the versions the alias moved
+to (``bitray.backfill``), and windows embed into the output's current version with its model until the
+switch.
+
 Every window's outcome (submitted, skipped and why, then succeeded/failed with the run's counts) goes to the
 scheduler's log and to MLflow, one run per window in experiment ``bitray-embed``. The state (last window
 seen, the running job, the catch-up queue) lives in one JSON file (``--state``, local or object store).
@@ -35,6 +39,8 @@ from typing import Literal
 from croniter import croniter
 
 from bitray import storage
+from bitray.backfill import Backfills, follows_model
+from bitray.collection import following
 from bitray.config import EmbedConfig, load_config
 from bitray.embed.layout import output_layout
 from bitray.errors import BitrayError
@@ -257,6 +263,11 @@ class Scheduler:
         self.env = dict(env or {})
         self.windows = WindowLog(tracking_uri)
         self.state = ScheduleState.load(self.state_uri)
+        self.backfills = (
+            Backfills(self.config, self.config_path, self.digest, jobs, env=self.env)
+            if follows_model(self.config)
+            else None
+        )
 
     def submission_id(self, window: datetime) -> str:
         return f"bitray-embed-{self.digest}-{window.astimezone(UTC).strftime(ID_TIME_FORMAT)}"
@@ -266,6 +277,11 @@ class Scheduler:
         now = self.clock().astimezone(UTC)
         events: list[WindowEvent] = []
         running = self._collect_active(events)
+        if self.backfills is not None:
+            try:
+                self.backfills.tick()  # a moved model: backfill, catch up, gate, switch (bitray.backfill)
+            except BitrayError as exc:  # never at the windows' cost: they keep the current version fresh
+                log.error("backfill: %s", exc)
         if self.state.last_window is None:
             # A first start owes nothing from before it; a window that started within `grace` still runs.
             self.state.last_window = (now - self.grace - timedelta(microseconds=1)).isoformat()
@@ -348,7 +364,7 @@ class Scheduler:
 
     def _counts(self, run_id: str) -> tuple[dict[str, float], str]:
         """The run's counts from the summary it wrote under the output (its run id is the submission id)."""
-        layout = output_layout(self.config)
+        layout = output_layout(following(self.config))  # a collection: the current version's
         try:
             summary = layout.read_summary(run_id)
         except BitrayError as exc:
@@ -368,7 +384,7 @@ class Scheduler:
                 self.config_path,
                 submission_id=job_id,
                 env=self.env,
-                overrides={"incremental": True, "run_id": job_id},
+                overrides={"incremental": True, "run_id": job_id, **self._window_model()},
                 metadata={"bitray.schedule.window": window.isoformat(), "bitray.schedule.cron": self.cron},
             )
         except SubmissionIdTaken:
@@ -383,6 +399,12 @@ class Scheduler:
             return
         self.state.active_id, self.state.active_window = job_id, window.isoformat()
         self.state.active_mlflow_run = self._record(WindowEvent(window, "submitted", "", job_id), events)
+
+    def _window_model(self) -> dict[str, str]:
+        """A model that moved is backfilled into a new version; until the switch, windows keep embedding
+        into the current version with its own model."""
+        model = self.backfills.window_model() if self.backfills is not None else None
+        return {"model": model} if model else {}
 
     def _record(self, event: WindowEvent, events: list[WindowEvent], run_id: str | None = None) -> str | None:
         events.append(event)

@@ -147,9 +147,12 @@ def run_embed(args: argparse.Namespace) -> int:
     summary = run_embedding(config, address=args.address)
     print_summary(summary)
     if config.index:
+        from bitray.collection import Collection
         from bitray.search.index import update_index
 
-        report = update_index(summary.output, config.index, storage_config=config.storage)
+        # a version of a collection (bitray.collection) has its own index, at the version's _index
+        own = summary.output.rstrip("/") == Collection(config.output, config.storage).root
+        report = update_index(summary.output, config.index if own else None, storage_config=config.storage)
         print(f"bitray: index {report.index}: {report.count} vectors, {report.added} added", flush=True)
     return 0
 

@@ -147,8 +147,9 @@ def run_search(args: argparse.Namespace) -> int:
     from bitray.search.scope import IndexReads
     from bitray.search.sheet import contact_sheet, write_png
 
-    index = _service(args.index, args.address) if args.address else None
-    index = index or load_index(args.index)
+    index_uri = following_index(args.index)
+    index = _service(index_uri, args.address) if args.address else None
+    index = index or load_index(index_uri)
     results = search(index, image=args.image, path=args.path, k=args.k, nprobe=args.nprobe)
     if args.json:
         for row in results.select(["rank", "path", "similarity"]).to_pylist():
@@ -163,6 +164,20 @@ def run_search(args: argparse.Namespace) -> int:
         write_png(contact_sheet(sheet_items(args.image or args.path, results), read=reads.read), args.sheet)
         print(f"bitray: contact sheet in {args.sheet}", file=sys.stderr)
     return 0
+
+
+def following_index(uri: str) -> str:
+    """``--index`` as given, or the current version's index when it names an output or a collection root
+    (``ROOT/_bitray/current``): so ``bitray search --index ROOT`` follows a switch."""
+    from bitray import outputs, storage
+    from bitray.search.index import META_FILE, default_index_uri
+
+    if storage.exists(storage.join(uri, META_FILE)):
+        return uri
+    marks = (storage.join(uri, "_bitray", "current"), storage.join(uri, "_bitray", "state", "current.json"))
+    if any(storage.exists(mark) for mark in marks):
+        return default_index_uri(outputs.data_path(uri))
+    return uri
 
 
 def _service(index_uri: str, address: str):  # noqa: ANN202
@@ -185,7 +200,8 @@ def run_service(args: argparse.Namespace) -> int:
     from bitray.search.service import SearchService
 
     connect(args.address)
-    service = SearchService.connect(args.index.rstrip("/"))
+    index_uri = following_index(args.index).rstrip("/")  # a collection root: its current version's index
+    service = SearchService.connect(index_uri)
     if args.stop:
         if service is not None:
             service.stop()
@@ -193,7 +209,7 @@ def run_service(args: argparse.Namespace) -> int:
         return 0
     if service is not None and args.reload:
         service.reload()
-    service = service or SearchService.start(args.index.rstrip("/"), actors=args.actors)
+    service = service or SearchService.start(index_uri, actors=args.actors)
     info = {k: v for k, v in service.info.items() if k != "meta"}
     print(json.dumps({"index": args.index, **info}))
     return 0
@@ -206,7 +222,7 @@ def run_duplicates(args: argparse.Namespace) -> int:
     from bitray.search.scope import IndexReads
     from bitray.search.sheet import contact_sheet, write_png
 
-    index = load_index(args.index)
+    index = load_index(following_index(args.index))
     table = duplicates.find_duplicates(index, duplicates.DuplicateOptions(args.threshold))
     duplicates.write_duplicates(table, args.output)
     groups = len(set(table.column("group").to_pylist()))
@@ -228,14 +244,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """``bitray evaluate --embeddings ./tuned-emb --labels ./digits --baseline ./base-emb`` (exit 1: worse)"""
     import os
 
+    from bitray.outputs import data_path
     from bitray.redaction import redacted
     from bitray.search.evaluate import EvalOptions, evaluate, evaluate_pair, format_table, gate, log_to_mlflow
 
     options = EvalOptions(folds=args.folds, seed=args.seed, few_shot=args.few_shot)
+    embeddings = data_path(args.embeddings)  # a collection root: its current version, read once
     if args.baseline:
-        new, baseline = evaluate_pair(args.embeddings, args.baseline, args.labels, options)
+        new, baseline = evaluate_pair(embeddings, data_path(args.baseline), args.labels, options)
     else:
-        new, baseline = evaluate(args.embeddings, args.labels, options), None
+        new, baseline = evaluate(embeddings, args.labels, options), None
     tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     run_id = log_to_mlflow(new, baseline, args.tolerance, args.labels, tracking)
     if args.json:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bitray import storage
+from bitray.collection import following
 from bitray.config import EmbedConfig
 from bitray.embed import pipeline
 from bitray.embed.commit import RunCommitter, publisher_for
@@ -71,6 +72,7 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
     """
     started = time.monotonic()
     check_cpu_precision(config.cpu_precision, config.model)
+    config = following(config)
     layout = output_layout(config)
     if joins_existing_cluster(address):
         check_local_paths(config, layout.output, address)
@@ -114,7 +116,7 @@ def describe_counts(counts: InputCounts) -> str:
 
 def dry_run_embedding(config: EmbedConfig) -> DryRun:
     """What ``run_embedding(config)`` would do: lists and diffs, writes nothing, starts no Ray work."""
-    layout = output_layout(config)
+    layout = output_layout(following(config))
     return dry_run(config, layout, IncrementalState.load(layout), layout.run_ids())
 
 

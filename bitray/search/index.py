@@ -293,7 +293,7 @@ def update_index(
     """
     started = time.monotonic()
     options = options or IndexOptions()
-    embeddings = _absolute(embeddings)
+    embeddings = _absolute(outputs.data_path(embeddings, storage_config))  # a collection: its current version
     index_uri = _absolute(index_uri or default_index_uri(embeddings))
     runs = outputs.finished_runs(embeddings, storage_config)
     if not runs:

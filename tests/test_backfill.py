@@ -1,0 +1,148 @@
+"""The schedule follows the model (``bitray.backfill``): a moved alias is backfilled into a new version as its
+own Ray job while windows keep the current version up to date, then caught up, gated and switched.
+
+Real local Ray head and job server, real MLflow sqlite registry (two versions of a tiny exported model), an
+injected clock as in ``test_schedule.py``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from cluster_fixtures import tiny_embed_config
+from test_embed_settings import registry  # noqa: F401 - the fixture
+from test_schedule import Clock, write_png
+
+from bitray import outputs
+from bitray.backfill import Backfills
+from bitray.collection import Collection
+from bitray.config import EmbedConfig, load_config
+from bitray.jobs import Jobs
+from bitray.schedule import Scheduler
+
+pytest_plugins = ["cluster_fixtures"]
+pytestmark = pytest.mark.slow
+
+T0 = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
+EVERY_5_MIN = "*/5 * * * *"
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def test_a_moved_alias_is_backfilled_caught_up_gated_and_switched(ray_head, registry, tmp_path):  # noqa: F811
+    from bitray import tracking
+
+    images, root = tmp_path / "images", tmp_path / "emb"
+    for n in range(4):
+        (images / f"c{n % 2}").mkdir(parents=True, exist_ok=True)
+        write_png(images / f"c{n % 2}" / f"{n}.png", n)
+    config = tmp_path / "nightly.yaml"
+    gate = {"labels": str(images), "tolerance": 0.01}
+    config.write_text(yaml.safe_dump(tiny_embed_config(str(images), str(root), model="models:/tiny@champion",
+                                                       gate=gate)))  # fmt: skip
+    jobs = Jobs(ray_head)
+    clock = Clock(at(0))
+
+    def scheduler(state: str = "state.json") -> Scheduler:
+        env = {"MLFLOW_TRACKING_URI": registry["uri"]}
+        return Scheduler(EVERY_5_MIN, config, jobs, state_uri=str(tmp_path / state), clock=clock,
+                         env=env, tracking_uri=registry["uri"])  # fmt: skip
+
+    # window 10:00 makes the output with version 1 of the model: no backfill while nothing is current
+    first = scheduler()
+    window = first.tick()[0].submission_id
+    assert jobs.wait(window, timeout_s=300).status == "SUCCEEDED"
+    clock.now = at(1)
+    first.tick()
+    assert outputs.settings(str(root)).model == "models:/tiny/1"
+
+    # a fine-tune promotes version 2 and an image arrives: the next tick starts the backfill, once
+    tracking.set_alias(registry["uri"], "tiny", "champion", "2")
+    write_png(images / "c0" / "4.png", 4)
+    clock.now = at(2)
+    first.tick()
+    [version] = [v for v in Collection(str(root)).versions() if v.name != "v0"]
+    assert (version.name, version.state, version.record.resolved) == (
+        "tiny-2",
+        "backfilling",
+        "models:/tiny/2",
+    )
+    backfill = version.record.job
+    assert backfill == f"bitray-backfill-{first.digest}-tiny-2-1"
+    scheduler("lost-state.json").backfills.tick()  # a second scheduler: watches, starts nothing new
+    assert Collection(str(root)).record("tiny-2").job == backfill
+    # meanwhile window 10:05 keeps the current version up to date, with the current model
+    clock.now = at(5)
+    window = next(e.submission_id for e in first.tick() if e.outcome == "submitted")
+    assert jobs.wait(backfill, timeout_s=300).status == "SUCCEEDED"
+    assert jobs.wait(window, timeout_s=300).status == "SUCCEEDED"
+    assert outputs.data_path(str(root)) == str(root)  # not switched yet
+    assert outputs.counts(str(root))[0] == 5 and outputs.settings(str(root)).model == "models:/tiny/1"
+
+    # the backfill is done: a catch-up pass, then gate (same weights: equal scores) and switch
+    write_png(images / "c1" / "5.png", 5)  # arrived during the backfill
+    clock.now = at(6)
+    first.tick()
+    catch_up = Collection(str(root)).record("tiny-2").job
+    assert catch_up.endswith("-tiny-2-2")
+    assert jobs.wait(catch_up, timeout_s=300).status == "SUCCEEDED"
+    clock.now = at(7)
+    first.tick()
+    switched = Collection(str(root)).current()
+    assert switched.name == "tiny-2" and switched.record.gate.passed
+    assert outputs.data_path(str(root)) == str(root / "versions" / "tiny-2")
+    assert outputs.settings(str(root)).model == "models:/tiny/2"
+    assert outputs.counts(str(root))[0] == 6  # every image, the late one too
+    assert (Path(switched.uri) / "_index" / "index.json").exists()
+
+
+def test_a_killed_backfill_is_resubmitted_and_an_overtaken_one_abandoned(ray_head, registry, tmp_path):  # noqa: F811
+    from bitray import tracking
+
+    images, root = tmp_path / "images", tmp_path / "emb"
+    images.mkdir()
+    for n in range(2):
+        write_png(images / f"{n}.png", n)
+    config = tmp_path / "nightly.yaml"
+    config.write_text(
+        yaml.safe_dump(tiny_embed_config(str(images), str(root), model="models:/tiny@champion"))
+    )
+    jobs = Jobs(ray_head)
+    env = {"MLFLOW_TRACKING_URI": registry["uri"]}
+    state = str(tmp_path / "state.json")
+    scheduler = Scheduler(EVERY_5_MIN, config, jobs, state_uri=state, clock=Clock(at(0)), env=env,
+                          tracking_uri=registry["uri"])  # fmt: skip
+    assert jobs.wait(scheduler.tick()[0].submission_id, timeout_s=300).status == "SUCCEEDED"
+
+    tracking.set_alias(registry["uri"], "tiny", "champion", "2")
+    [started] = scheduler.backfills.tick()
+    assert (started.version, started.outcome) == ("tiny-2", "started")
+    # another schedule's model moves too: its backfill waits while this one runs (max_concurrent_backfills: 1)
+    other = Collection(str(tmp_path / "other"))
+    other.add("tiny-1", resolved="models:/tiny/1")
+    other.update("tiny-1", state="complete")
+    other.switch("tiny-1")
+    config_2 = tmp_path / "other.yaml"
+    config_2.write_text(
+        yaml.safe_dump(tiny_embed_config(str(images), other.root, model="models:/tiny@champion"))
+    )
+    [waiting] = Backfills(load_config(EmbedConfig, config_2), config_2, "other", jobs, env=env).tick()
+    assert (waiting.outcome, started.job in waiting.reason) == ("waiting", True)
+    assert [v.name for v in other.versions()] == ["tiny-1"]
+
+    assert jobs.stop(started.job, wait_s=60).status == "STOPPED"  # the backfill's driver is killed
+    [resumed] = scheduler.backfills.tick()
+    assert (resumed.outcome, resumed.job) == ("resubmitted", started.job[:-1] + "2")
+
+    tracking.set_alias(registry["uri"], "tiny", "champion", "1")  # the promotion is rolled back
+    [abandoned] = scheduler.backfills.tick()
+    assert (abandoned.version, abandoned.outcome) == ("tiny-2", "abandoned")
+    assert jobs.status(resumed.job).is_terminal
+    assert scheduler.backfills.tick() == []  # the current model again: nothing to backfill
+    states = {v.name: v.state for v in Collection(str(root)).versions()}
+    assert states == {"v0": "current", "tiny-2": "retired"}  # kept until bitray outputs gc

@@ -1,0 +1,178 @@
+"""Collections (``bitray.collection``): versions of an output, one current, switched by a conditional write.
+
+Outputs are synthetic finished runs (``bitray.search.synthetic``), read by the real readers, index and
+evaluation; the gate logs to a real MLflow sqlite store; one test runs the switch on a moto S3 server.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitray import outputs, storage
+from bitray.cli import main
+from bitray.collection import Collection, SwitchConflict, following
+from bitray.config import EmbedConfig
+from bitray.search.synthetic import batches_of, write_run
+
+CLASSES, PER_CLASS, DIM = 4, 10, 16
+PATHS = [f"/data/c{c}/img{i}.png" for c in range(CLASSES) for i in range(PER_CLASS)]
+
+
+def vectors(paths: list[str], good: bool, seed: int) -> np.ndarray:
+    """Vectors that separate the classes (``good``: class centres plus a little noise) or random ones."""
+    noise = np.random.default_rng(seed).standard_normal((len(paths), DIM)).astype(np.float32)
+    if not good:
+        return noise
+    centres = np.eye(CLASSES, DIM, dtype=np.float32) * 4
+    return centres[[int(p.split("/")[2][1:]) for p in paths]] + 0.3 * noise
+
+
+def embed(output: str, run: str, model_id: str, *, good: bool = True, extra: bool = False) -> None:
+    """A finished synthetic run of the labelled images (and one more, ``new.png``, if ``extra``): good
+    vectors are the same in every output, so two good versions score alike."""
+    paths = PATHS + (["/data/c0/new.png"] if extra else [])
+    write_run(output, run, batches_of(paths, vectors(paths, good, seed=1), 16), model_id=model_id)
+
+
+@pytest.fixture()
+def old_output(tmp_path) -> str:
+    """An output made before collections: one finished run at ROOT, nothing else."""
+    root = str(tmp_path / "emb")
+    embed(root, "a", "bit-tiny@v1")
+    return root
+
+
+@pytest.fixture()
+def labels(tmp_path) -> str:
+    path = tmp_path / "labels.csv"
+    path.write_text("path,label\n" + "".join(f"{p},{p.split('/')[2]}\n" for p in PATHS))
+    return str(path)
+
+
+def listing(root: str, capsys) -> dict:
+    assert main(["outputs", root, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_an_output_made_before_collections_reads_as_a_collection_of_one(old_output, capsys):
+    assert main(["outputs", old_output]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split()[:4] == ["v0", "current", "40", "0"]
+    assert f"current: {old_output}" in out and "bit-tiny@v1" in out
+    assert not (Path(old_output) / "_bitray" / "current").exists()  # listing writes nothing
+    assert outputs.finished_runs(old_output) == ["a"]
+    assert main(["index", "--embeddings", old_output]) == 0
+    assert (Path(old_output) / "_index" / "index.json").exists()  # where it always was
+    capsys.readouterr()
+    assert main(["search", "--index", old_output, "--path", PATHS[0], "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"].startswith("/data/c0/")  # its nearest neighbour
+
+
+def test_a_switch_is_one_conditional_write_that_readers_follow_at_once(old_output, capsys):
+    assert main(["outputs", "add", old_output, "v2", "--model", "random:tiny"]) == 0
+    v2 = str(Path(old_output) / "versions" / "v2")
+    assert v2 in capsys.readouterr().out
+    embed(v2, "b", "bit-tiny@v2", extra=True)
+    assert outputs.finished_runs(old_output) == ["a"]  # not current yet
+    rows = listing(old_output, capsys)
+    assert [(r["name"], r["state"]) for r in rows["versions"]] == [("v0", "current"), ("v2", "backfilling")]
+
+    assert main(["outputs", "switch", old_output, "v2", "--expect", "v9"]) == 2
+    err = capsys.readouterr().err
+    assert "current version is v0, not 'v9'" in err and len(err.strip().splitlines()) == 1
+    assert main(["outputs", "switch", old_output, "v2", "--expect", "v0"]) == 0
+    assert (Path(v2) / "_index" / "index.json").exists()  # built before the pointer moved
+    capsys.readouterr()
+
+    assert outputs.finished_runs(old_output) == ["b"]
+    assert outputs.settings(old_output).model_id == "bit-tiny@v2"
+    assert outputs.data_path(old_output) == v2
+    assert outputs.finished_runs(v2) == ["b"]  # the version's own path reads the same
+    rows = listing(old_output, capsys)
+    assert rows["current"] == v2
+    assert {r["name"]: (r["state"], r["model_id"], r["images"]) for r in rows["versions"]} == {
+        "v0": ("complete", "bit-tiny@v1", 40),  # ROOT's own data, counted as itself
+        "v2": ("current", "bit-tiny@v2", 41),
+    }
+    # only v2's index holds new.png: the search of ROOT found it there
+    assert main(["search", "--index", old_output, "--path", "/data/c0/new.png", "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"].startswith("/data/c0/")
+
+    assert following(EmbedConfig(output=old_output)).output == v2  # bitray embed --output ROOT writes there
+
+    with pytest.raises(SwitchConflict, match="not 'v0'"):  # a stale expectation, in the library
+        Collection(old_output).switch("v0", expect="v0")
+
+
+def test_retired_versions_are_deleted_only_by_gc_after_the_retention(old_output, capsys):
+    collection = Collection(old_output)
+    v2 = collection.add("v2", model="random:tiny").uri
+    embed(v2, "b", "bit-tiny@v2")
+    assert main(["outputs", "switch", old_output, "v2"]) == 0
+    assert main(["outputs", "retire", old_output, "v2"]) == 2
+    assert "switch to another first" in capsys.readouterr().err
+    assert main(["outputs", "switch", old_output, "v0"]) == 0  # back to ROOT's own data
+    assert outputs.finished_runs(old_output) == ["a"]
+    assert main(["outputs", "retire", old_output, "v2"]) == 0
+    assert main(["outputs", "gc", old_output, "--keep", "1d"]) == 0
+    assert "nothing to delete" in capsys.readouterr().out and Path(v2).exists()
+    assert [r["state"] for r in listing(old_output, capsys)["versions"]] == ["current", "retired"]
+    assert main(["outputs", "gc", old_output, "--keep", "0"]) == 0
+    assert "deleted v2" in capsys.readouterr().out
+    assert not Path(v2).exists() and [r["name"] for r in listing(old_output, capsys)["versions"]] == ["v0"]
+    assert main(["outputs", "gc", old_output, "--keep", "soon"]) == 2
+    assert main(["outputs", "switch", old_output]) == 2
+    assert main(["outputs", "switch", old_output, "v7"]) == 2
+    assert "no version 'v7'" in capsys.readouterr().err
+
+
+def test_the_gate_keeps_the_current_version_unless_the_new_one_is_as_good(
+    old_output, labels, mlflow_tracking_uri, capsys
+):
+    from mlflow import MlflowClient
+
+    collection = Collection(old_output)
+    embed(collection.add("worse").uri, "w", "bit-tiny@worse", good=False)
+    assert main(["outputs", "switch", old_output, "worse", "--labels", labels]) == 1
+    assert "gate FAILED" in capsys.readouterr().out
+    assert outputs.data_path(old_output) == old_output  # unswitched
+    assert main(["outputs", old_output]) == 0
+    out = capsys.readouterr().out
+    assert "gate FAILED: " in out and "< v0's" in out and "(tolerance 0.01)" in out
+
+    embed(collection.add("better").uri, "g", "bit-tiny@better")
+    assert main(["outputs", "switch", old_output, "better", "--labels", labels]) == 0
+    assert outputs.settings(old_output).model_id == "bit-tiny@better"
+
+    capsys.readouterr()
+    assert main(["evaluate", "--embeddings", old_output, "--labels", labels, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new"]["embeddings"] == collection.current().uri
+
+    client = MlflowClient(mlflow_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("bitray-embed").experiment_id])
+    verdicts = {r.data.params["version"]: r.data.tags["bitray.gate"] for r in runs}
+    assert verdicts == {"worse": "fail", "better": "pass"}
+    assert "linear_top1" in runs[0].data.metrics
+
+
+def test_on_s3_a_switch_follows_refuses_a_stale_expectation_and_gc_deletes_v0(s3_bucket):
+    root = f"s3://{s3_bucket}/emb"
+    embed(root, "a", "bit-tiny@v1")
+    collection = Collection(root)
+    v2 = collection.add("v2").uri
+    embed(v2, "b", "bit-tiny@v2")
+    collection.update("v2", state="complete")
+    assert outputs.finished_runs(root) == ["a"]
+    assert collection.switch("v2", expect="v0").generation == 2
+    assert outputs.finished_runs(root) == ["b"]
+    with pytest.raises(SwitchConflict):
+        collection.switch("v0", expect="v0")
+    assert storage.exists(f"{root}/_bitray/current") and outputs.data_path(root) == v2
+    assert main(["outputs", "retire", root, "v0"]) == 0 and main(["outputs", "gc", root, "--keep", "0"]) == 0
+    assert outputs.versions(root)[0] == [{"name": "v2", "state": "current", "model": "random:tiny",
+        "model_id": "bit-tiny@v2", "images": 40, "errors": 0, "gate": None, "data": v2}]  # fmt: skip
+    assert not storage.list_names(f"{root}/embeddings") and outputs.finished_runs(root) == ["b"]
