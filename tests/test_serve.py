@@ -198,3 +198,29 @@ def test_health_config_and_page(app):
     assert requests.get(f"{app['url']}/static/index.html", timeout=30).status_code == 200
     missing = requests.get(f"{app['url']}/nope", timeout=30)
     assert missing.status_code == 404 and json.loads(missing.text)["error"]
+
+
+def test_serve_without_a_model_or_index_is_refused(capsys):
+    from bitray.cli import main
+
+    assert main(["serve"]) == 2
+    assert "nothing to serve" in capsys.readouterr().err
+
+
+def test_write_config_gives_a_serve_deploy_file(tmp_path, capsys):
+    """The file validates against Serve's own schema and names the builder with these settings."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from bitray.cli import main
+
+    target = tmp_path / "serve.yaml"
+    code = main(["serve", "--model", "random:tiny", "--host", "0.0.0.0", "--port", "8123", "--k-max", "7",
+                 "--write-config", str(target)])  # fmt: skip
+    assert code == 0
+    assert "warning: binding 0.0.0.0" in capsys.readouterr().err
+    deploy = ServeDeploySchema.model_validate(yaml.safe_load(target.read_text()))
+    assert (deploy.http_options.host, deploy.http_options.port) == ("0.0.0.0", 8123)
+    [application] = deploy.applications
+    assert application.import_path == "bitray.serve.app:build"
+    assert application.args == {"model": "random:tiny", "k_max": 7}
