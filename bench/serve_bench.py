@@ -279,13 +279,19 @@ def main(argv: list[str] | None = None) -> int:
         for data in images[:4]:
             __import__("requests").post(f"{url}/embed", data=data, timeout=120)
         figures["embed"] = {}
+        embedder = serve.get_deployment_handle("embedder", app_name="bitray")
         for concurrency in args.concurrency:
+            before = embedder.stats.remote().result()
 
             def bodies(i: int):  # noqa: ANN202
                 return images[i % len(images)], {"Content-Type": "image/jpeg"}, "good"
 
             result = http_load(f"{url}/embed", bodies, concurrency, args.seconds)
             result["vs_plain_loop"] = round(result["req_per_s"] / figures["plain_loop"]["req_per_s"], 2)
+            after = embedder.stats.remote().result()
+            batches, served = after["batches"] - before["batches"], after["images"] - before["images"]
+            result["mean_batch"] = round(served / max(1, batches), 2)
+            result["model_busy"] = round((after["forward_s"] - before["forward_s"]) / args.seconds, 2)
             figures["embed"][concurrency] = result
             print(json.dumps({f"embed@{concurrency}": result}), flush=True)
         figures["load_test"] = load_test(f"{url}/embed", images, args.load_seconds)

@@ -224,3 +224,28 @@ def test_write_config_gives_a_serve_deploy_file(tmp_path, capsys):
     [application] = deploy.applications
     assert application.import_path == "bitray.serve.app:build"
     assert application.args == {"model": "random:tiny", "k_max": 7}
+
+
+def test_a_compressed_index_is_searched_through_the_search_service(app, tmp_path):
+    """The search deployment's class on an ``ivfpq`` index: queries go to ``SearchService``'s actors."""
+    from bitray.search.index import IndexOptions, update_index
+    from bitray.search.service import SearchService
+    from bitray.search.synthetic import Realistic, batches_of, write_run
+    from bitray.serve.search import SearchServer
+
+    vectors, _ = Realistic(64, rank=16, clusters=20, seed=3).draw(2000, np.random.default_rng(3))
+    paths = [f"/photos/{i:05d}.jpg" for i in range(2000)]
+    write_run(str(tmp_path / "out"), "a", batches_of(paths, vectors, 500), rows_per_file=500)
+    options = IndexOptions(exact_below=100, max_index_memory=2000 * 48, files_per_shard=2)
+    assert update_index(str(tmp_path / "out"), str(tmp_path / "index"), options=options).kind == "ivfpq"
+    server = SearchServer(str(tmp_path / "index"))
+    try:
+        assert isinstance(server.index, SearchService) and server.describe()["kind"] == "ivfpq"
+        exact = np.argsort(-(vectors @ vectors[7]), kind="stable")[1:6]
+        found = [n["path"] for n in server.by_path(paths[7], 5)]
+        assert len(found) == 5 and paths[7] not in found
+        assert len(set(found) & {paths[i] for i in exact}) >= 3  # compressed: most of the exact top 5
+        assert server.by_vector(vectors[7], 1)[0]["path"] == paths[7]
+        assert server.by_path("/etc/passwd", 5) is None and server.thumbnail("/etc/passwd") is None
+    finally:
+        server.index.stop()
