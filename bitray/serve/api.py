@@ -112,12 +112,15 @@ class Ingress:
         return self._described[which]
 
     async def _decode_options(self, which: str) -> DecodeOptions:
-        """The embedding model decodes as the index (when there is one); a classifier at its own size."""
+        """The embedding model decodes as the index (when there is one), else at ``image_size`` or its own
+        size; a classifier at the size it was fine-tuned at (else ``image_size``, else 224)."""
         if which not in self._options:
             if which == "embed" and self.limits.decode is not None:
                 self._options[which] = self.limits.decode
             else:
-                size = self.limits.image_size or (await self._describe(which))["image_size"] or DEFAULT_SIZE
+                own = (await self._describe(which))["image_size"]  # a fine-tune's crop, when known
+                given = self.limits.image_size
+                size = (given or own if which == "embed" else own or given) or DEFAULT_SIZE
                 self._options[which] = DecodeOptions(
                     (size, size), self.limits.max_pixels, self.limits.max_decode_bytes, self.limits.exact
                 )
