@@ -249,3 +249,12 @@ def test_a_compressed_index_is_searched_through_the_search_service(app, tmp_path
         assert server.by_path("/etc/passwd", 5) is None and server.thumbnail("/etc/passwd") is None
     finally:
         server.index.stop()
+
+
+def test_a_model_other_than_the_indexs_is_refused():
+    """Vectors of other weights would not be comparable with the index's: the replica refuses to start."""
+    from bitray.errors import BitrayError
+    from bitray.serve.models import ModelServer
+
+    with pytest.raises(BitrayError, match="the index holds vectors of 'bit-r50x1@random-init'"):
+        ModelServer("random:tiny", task="embed", threads=1, expect_model_id="bit-r50x1@random-init")
