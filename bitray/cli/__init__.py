@@ -24,6 +24,7 @@ COMMANDS = (
     "bitray.cli.jobs",
     "bitray.cli.search",
     "bitray.cli.outputs",
+    "bitray.cli.serve",
 )
 
 
