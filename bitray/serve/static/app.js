@@ -3,6 +3,7 @@
 // The query is either an uploaded image (kept in memory, so k can change without a new upload) or a
 // path the index holds; a path query and k live in the URL (?path=...&k=...) so a result can be shared
 // and reloaded. URLs are relative, so the page also works behind a route prefix.
+// An optional config.max_bytes refuses larger uploads before sending them.
 // document.body.dataset.state is "idle", "loading", "done" or "error" (the browser test waits on it).
 "use strict";
 
@@ -14,6 +15,8 @@ const state = {
   controller: null,
   objectUrl: null,
 };
+
+const uploads = []; // the uploaded queries of this page's history entries
 
 class RequestError extends Error {}
 
@@ -69,9 +72,15 @@ function writeUrl(push) {
   if (state.query && state.query.path) params.set("path", state.query.path);
   params.set("k", String(clampK($("k").value)));
   const url = `${location.pathname}?${params}`;
-  if (url === `${location.pathname}${location.search}`) return;
-  if (push) history.pushState(null, "", url);
-  else history.replaceState(null, "", url);
+  // An upload cannot live in the URL (nor in history.state: Chrome drops Blobs there); its history entry
+  // names it in this page's memory, so Back and Forward return to it while the page stays open.
+  let entry = null;
+  if (state.query && state.query.file) {
+    if (state.query.id === undefined) state.query.id = uploads.push(state.query) - 1;
+    entry = { upload: state.query.id };
+  }
+  if (push) history.pushState(entry, "", url);
+  else history.replaceState(entry, "", url);
 }
 
 function showQuery(query) {
@@ -187,9 +196,20 @@ function rawHeaders(query) {
   return { "Content-Type": query.file.type || "application/octet-stream" };
 }
 
+function megabytes(bytes) {
+  return `${(bytes / 1e6).toFixed(1)} MB`;
+}
+
 function upload(file) {
   if (!file) return;
-  run({ file, name: file.name || "pasted image" });
+  const name = file.name || "pasted image";
+  const limit = state.config.max_bytes;
+  if (limit && file.size > limit) {
+    state.query = null;
+    showError(`${name} is ${megabytes(file.size)}, over this server's limit of ${megabytes(limit)}`);
+    return;
+  }
+  run({ file, name });
   writeUrl(true);
 }
 
@@ -198,11 +218,20 @@ function searchPath(path, push) {
   writeUrl(push);
 }
 
-function fromUrl() {
+function reset() {
+  if (state.controller) state.controller.abort();
+  state.query = null;
+  for (const id of ["error", "current", "results-box"]) $(id).hidden = true;
+  setState("idle", "");
+}
+
+function fromUrl(entry) {
   const params = new URLSearchParams(location.search);
   if (params.has("k")) $("k").value = String(clampK(params.get("k")));
   const path = params.get("path");
   if (path) run({ path });
+  else if (entry && uploads[entry.upload]) run(uploads[entry.upload]);
+  else reset();
 }
 
 function describe(config) {
@@ -246,10 +275,7 @@ function wire() {
     if (state.query) run(state.query);
   });
   $("query").addEventListener("submit", (event) => event.preventDefault());
-  window.addEventListener("popstate", () => {
-    state.query = null;
-    fromUrl();
-  });
+  window.addEventListener("popstate", (event) => fromUrl(event.state));
 }
 
 async function main() {
@@ -262,7 +288,7 @@ async function main() {
     showError(`reading the server's settings: ${err.message}`);
     return;
   }
-  fromUrl();
+  fromUrl(history.state);
 }
 
 main();
