@@ -10,7 +10,7 @@
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  config: { index: true, classifier: false, k_max: 100 },
+  config: { index: true, classifier: null, k_max: 100, k_default: 10 }, // until GET /config answers
   query: null, // {file: Blob, name} or {path}
   controller: null,
   objectUrl: null,
@@ -49,7 +49,7 @@ function thumbnailUrl(path) {
 
 function clampK(value) {
   const k = Number.parseInt(value, 10);
-  if (!Number.isFinite(k) || k < 1) return Math.min(10, state.config.k_max);
+  if (!Number.isFinite(k) || k < 1) return Math.min(state.config.k_default || 10, state.config.k_max);
   return Math.min(k, state.config.k_max);
 }
 
@@ -235,11 +235,15 @@ function fromUrl(entry) {
 }
 
 function describe(config) {
-  const parts = [`Model ${config.model}`, `${config.dim}-dimensional embeddings`];
-  parts.push(config.index ? "searching an index" : "no index configured");
-  if (config.classifier) parts.push("with a classifier");
+  const parts = [`Model ${config.model}`];
+  if (config.dim) parts.push(`${config.dim}-dimensional embeddings`);
+  parts.push(config.index ? "searching an index" : "no index served");
+  if (config.classifier) {
+    parts.push(typeof config.classifier === "string" ? `classifier ${config.classifier}` : "with a classifier");
+  }
   $("model").textContent = `${parts.join(" · ")}.`;
   $("k").max = String(config.k_max);
+  $("k").value = String(clampK(config.k_default || 10));
   if (!config.index) {
     document.querySelector(".drop-title").textContent = "Drop an image here, or choose one, to classify it";
   }
