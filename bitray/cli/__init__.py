@@ -23,6 +23,7 @@ COMMANDS = (
     "bitray.cli.data",
     "bitray.cli.jobs",
     "bitray.cli.search",
+    "bitray.cli.serve",
 )
 
 

@@ -42,7 +42,7 @@ def actor_resources(params: RunParams, cluster: ClusterDescription) -> ActorReso
     """
     cluster_gpus = cluster.resources.get("GPU", 0)
     cluster_cpus = cluster.resources.get("CPU", 1)
-    has_gpus = bool(cluster_gpus) or cluster.can_add("GPU")
+    has_gpus = wants_gpus(cluster)
     gpus = (1.0 if has_gpus else 0.0) if params.gpus_per_actor is None else float(params.gpus_per_actor)
     if gpus and not has_gpus and cluster.node_types:
         raise BitrayError(
@@ -68,6 +68,12 @@ def actor_resources(params: RunParams, cluster: ClusterDescription) -> ActorReso
     return ActorResources(
         gpus, cpus, threads, min(params.actors_min, actors_max), actors_max, cluster_cpus, precision
     )
+
+
+def wants_gpus(cluster: ClusterDescription) -> bool:
+    """Whether model actors (and served model replicas) ask for a GPU: the cluster has one now, or its
+    autoscaler can add a node that has one."""
+    return bool(cluster.resources.get("GPU", 0)) or cluster.can_add("GPU")
 
 
 def joins_existing_cluster(address: str | None) -> bool:
