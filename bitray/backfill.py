@@ -40,7 +40,7 @@ from bitray.collection import Collection, GateResult, Version, name_for, now
 from bitray.config import EmbedConfig
 from bitray.embed.settings import resolved_model
 from bitray.errors import BitrayError
-from bitray.jobs import JobInfo, Jobs, SubmissionIdTaken
+from bitray.jobs import JobInfo, JobNotFound, Jobs, SubmissionIdTaken
 from bitray.promote import Gate, promote
 
 log = logging.getLogger(__name__)
@@ -194,5 +194,5 @@ class Backfills:
     def _status(self, job: str) -> JobInfo:
         try:
             return self.jobs.status(job)
-        except BitrayError as exc:  # the cluster forgot it (a new head): treat as failed, resubmit
+        except JobNotFound as exc:  # the cluster forgot it (a new head): treat as failed, resubmit
             return JobInfo(job, "FAILED", message=str(exc))

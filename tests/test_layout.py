@@ -11,7 +11,8 @@ Checked:
 - no import cycles between modules;
 - the layering: a module imports only from its own layer or the layers below it:
   0. foundation: the package root, errors, redaction, config, storage, images, precision, hyperrule,
-     locks, prefetch, ray_session, mlflow_client, examples;
+     locks, prefetch, ray_session, mlflow_client, examples, testhooks, collection (the layout of an
+     output root's versions: storage only);
   1. models and MLflow: ``bitray.model`` (architecture, weights, export, registry, pyfunc), tracking;
   2. pipelines: ``bitray.embed``, ``bitray.finetune``, jobs;
   3. applications: outputs, ``bitray.search``, schedule, ``bitray.serve`` (a top-level module or package
@@ -44,6 +45,8 @@ LAYERS = [
         "ray_session",
         "mlflow_client",
         "examples",
+        "testhooks",
+        "collection",
     },
     {"model", "tracking"},
     {"embed", "finetune", "jobs"},
