@@ -176,3 +176,25 @@ def test_on_s3_a_switch_follows_refuses_a_stale_expectation_and_gc_deletes_v0(s3
     assert outputs.versions(root)[0] == [{"name": "v2", "state": "current", "model": "random:tiny",
         "model_id": "bit-tiny@v2", "images": 40, "errors": 0, "gate": None, "data": v2}]  # fmt: skip
     assert not storage.list_names(f"{root}/embeddings") and outputs.finished_runs(root) == ["b"]
+
+
+def test_the_serving_search_follows_a_switch_without_a_restart(old_output, capsys):
+    """The serve app's search deployment (a plain class here) given a collection root serves the current
+    version's index, follows a switch at its next look, and refuses image queries of the old model."""
+    from bitray.serve.search import SearchServer
+
+    assert main(["index", "--embeddings", old_output]) == 0
+    server = SearchServer(old_output, follow_s=0)
+    new = "/data/c0/new.png"
+    assert server.holds(PATHS[0]) and not server.holds(new)
+    query = vectors([new], good=True, seed=1)[0]
+    assert [n["path"] for n in server.by_vector(query, 3, "bit-tiny@v1")][0].startswith("/data/c0/")
+
+    embed(Collection(old_output).add("v2").uri, "b", "bit-tiny@v2", extra=True)
+    assert main(["outputs", "switch", old_output, "v2"]) == 0  # builds v2's index, then switches
+    capsys.readouterr()
+    assert server.holds(new)  # the next look follows the pointer to v2's index
+    assert server.by_path(new, 1)[0]["path"].startswith("/data/c0/")
+    reason = server.by_vector(query, 3, "bit-tiny@v1")
+    assert isinstance(reason, str) and "'bit-tiny@v2'" in reason and "redeploy" in reason
+    assert server.by_vector(query, 3, "bit-tiny@v2")[0]["path"].startswith("/data/c0/")

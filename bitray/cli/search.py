@@ -142,13 +142,13 @@ def run_index(args: argparse.Namespace) -> int:
 
 def run_search(args: argparse.Namespace) -> int:
     """``bitray search --index ./out/_index --image cat.jpg -k 5 --sheet cat.png``"""
-    from bitray.search.index import load_index
+    from bitray.search.index import load_index, resolve_index
     from bitray.search.query import search, sheet_items
     from bitray.search.scope import IndexReads
     from bitray.search.sheet import contact_sheet, write_png
 
-    index_uri = following_index(args.index)
-    index = _service(index_uri, args.address) if args.address else None
+    index_uri = resolve_index(args.index)
+    index = _service(args.index, index_uri, args.address) if args.address else None
     index = index or load_index(index_uri)
     results = search(index, image=args.image, path=args.path, k=args.k, nprobe=args.nprobe)
     if args.json:
@@ -166,27 +166,14 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def following_index(uri: str) -> str:
-    """``--index`` as given, or the current version's index when it names an output or a collection root
-    (``ROOT/_bitray/current``): so ``bitray search --index ROOT`` follows a switch."""
-    from bitray import outputs, storage
-    from bitray.search.index import META_FILE, default_index_uri
-
-    if storage.exists(storage.join(uri, META_FILE)):
-        return uri
-    marks = (storage.join(uri, "_bitray", "current"), storage.join(uri, "_bitray", "state", "current.json"))
-    if any(storage.exists(mark) for mark in marks):
-        return default_index_uri(outputs.data_path(uri))
-    return uri
-
-
-def _service(index_uri: str, address: str):  # noqa: ANN202
-    """The running search service of ``index_uri`` on the cluster at ``address``, or None (told)."""
+def _service(given: str, index_uri: str, address: str):  # noqa: ANN202
+    """The running search service of ``given`` (a collection root, an output or an index) or of the index
+    it resolves to, ``index_uri``, on the cluster at ``address``; None (told) when neither runs."""
     from bitray.ray_session import connect
     from bitray.search.service import SearchService
 
     connect(address)
-    service = SearchService.connect(index_uri.rstrip("/"))
+    service = SearchService.connect(given.rstrip("/")) or SearchService.connect(index_uri.rstrip("/"))
     if service is None:
         print(
             f"bitray: no search service of {index_uri} at {address}; loading the index here", file=sys.stderr
@@ -200,7 +187,8 @@ def run_service(args: argparse.Namespace) -> int:
     from bitray.search.service import SearchService
 
     connect(args.address)
-    index_uri = following_index(args.index).rstrip("/")  # a collection root: its current version's index
+    # named by the URI given: a service of a collection root follows its switches to other versions
+    index_uri = args.index.rstrip("/")
     service = SearchService.connect(index_uri)
     if args.stop:
         if service is not None:
@@ -218,11 +206,11 @@ def run_service(args: argparse.Namespace) -> int:
 def run_duplicates(args: argparse.Namespace) -> int:
     """``bitray duplicates --index ./out/_index --threshold 0.95 --output dups.parquet --sheet dups.png``"""
     from bitray.search import duplicates
-    from bitray.search.index import load_index
+    from bitray.search.index import load_index, resolve_index
     from bitray.search.scope import IndexReads
     from bitray.search.sheet import contact_sheet, write_png
 
-    index = load_index(following_index(args.index))
+    index = load_index(resolve_index(args.index))
     table = duplicates.find_duplicates(index, duplicates.DuplicateOptions(args.threshold))
     duplicates.write_duplicates(table, args.output)
     groups = len(set(table.column("group").to_pylist()))

@@ -241,6 +241,17 @@ class SearchIndex:
         return self.index.search(queries, min(int(k), max(1, self.index.ntotal)))
 
 
+def resolve_index(uri: str, storage_config: StorageConfig | None = None) -> str:
+    """``uri`` when an index is there, else the current version's index when ``uri`` names an output or a
+    collection root (``ROOT/_bitray/current``): what a reader that follows a switch opens (2-4 HEADs)."""
+    if storage.exists(storage.join(uri, META_FILE), storage_config):
+        return uri
+    marks = (storage.join(uri, "_bitray", "current"), storage.join(uri, "_bitray", "state", "current.json"))
+    if any(storage.exists(mark, storage_config) for mark in marks):
+        return default_index_uri(outputs.data_path(uri, storage_config))
+    return uri
+
+
 def load_index(uri: str, storage_config: StorageConfig | None = None):  # noqa: ANN201 - or a ShardedIndex
     """Read an index written by ``update_index``; ``BitrayError`` when there is none at ``uri``. A
     compressed one (``ivfpq``) is opened lazily: shards are mapped when a query needs them."""

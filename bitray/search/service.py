@@ -59,9 +59,18 @@ class _Coordinator:
     """Splits the shards among ``actors`` shard servers and merges their answers."""
 
     def __init__(self, uri: str, actors: int, storage_json: str, follow_s: float = FOLLOW_S) -> None:
-        self.uri, self.actors, self.storage_json, self.follow_s = uri, actors, storage_json, follow_s
+        self.given, self.actors, self.storage_json, self.follow_s = uri, actors, storage_json, follow_s
+        self.uri = self._resolved()
         self.servers: list = []
         self.reload()
+
+    def _resolved(self) -> str:
+        """The index served: the one given, or the current version's when an output or a collection root
+        was given (so a switch of versions is followed like an update)."""
+        from bitray.search.index import resolve_index
+
+        config = StorageConfig.model_validate_json(self.storage_json) if self.storage_json else None
+        return resolve_index(self.given, config).rstrip("/")
 
     def follow(self, generation: str | None = None) -> str:
         """Reload when ``index.json`` names another generation: looked at when ``follow_s`` passed since
@@ -72,6 +81,10 @@ class _Coordinator:
         if (generation is None or generation == self.meta.generation) and now - self.looked < self.follow_s:
             return self.meta.generation
         self.looked = now
+        uri = self._resolved()
+        if uri != self.uri:  # the collection switched to another version: its index
+            self.uri = uri
+            return self.reload()
         config = StorageConfig.model_validate_json(self.storage_json) if self.storage_json else None
         data = storage.read_if_exists(storage.join(self.uri, "index.json"), config)
         current = json.loads(data).get("generation") if data else None
@@ -97,9 +110,9 @@ class _Coordinator:
         self.owner = {n: servers[i] for i, g in enumerate(groups) for n in g}
         return meta.generation
 
-    def served(self):  # noqa: ANN201 - an IndexMeta
-        """The meta of the generation served now (no look at ``index.json``)."""
-        return self.meta
+    def served(self):  # noqa: ANN201 - (uri, IndexMeta)
+        """The index and the meta of the generation served now (no look at ``index.json``)."""
+        return self.uri, self.meta
 
     def shard_servers(self) -> list:
         return list(self.servers)
@@ -230,8 +243,8 @@ class SearchService:
 
         from bitray.search.sharded import ShardedIndex
 
-        self.meta = ray.get(self.handle.served.remote())
-        return ShardedIndex(self.uri, self.meta, self.storage).vectors_of(ids)
+        uri, self.meta = ray.get(self.handle.served.remote())
+        return ShardedIndex(uri, self.meta, self.storage).vectors_of(ids)
 
     def reload(self) -> str:
         import ray

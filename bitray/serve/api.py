@@ -180,8 +180,11 @@ class Ingress:
         else:
             k = self._k(request)
             data = image_bytes(body, request.headers.get("content-type"))
+            described = await self._describe("embed")
             vector = await self.embedder.run.remote(await self._pixels(data, "embed"))
-            neighbours = await self.searcher.by_vector.remote(vector, k)
+            neighbours = await self.searcher.by_vector.remote(vector, k, described["model"])
+            if isinstance(neighbours, str):
+                raise BadRequest(409, neighbours)
         answer: dict[str, Any] = {"neighbours": neighbours}
         if self.classifier is not None and isinstance(data, bytes):
             answer["labels"] = await self._labels(data, min(5, k))

@@ -21,6 +21,7 @@ from ray.serve import Application
 
 from bitray.embed.sandbox import DecodeOptions
 from bitray.errors import BitrayError
+from bitray.search.index import resolve_index
 from bitray.serve.api import Ingress, Limits
 from bitray.serve.config import ServeConfig
 from bitray.serve.models import ModelServer
@@ -58,7 +59,9 @@ def build(args: dict[str, Any] | ServeConfig) -> Application:
     """The application (also ``serve deploy``'s builder: ``args`` are ``ServeConfig`` keys)."""
     config = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
     storage_json = config.storage.model_dump_json()
-    header = IndexHeader.read(config.index, config.storage) if config.index else None
+    # an output or a collection root: decode and model of its current index (the search server follows it)
+    index_uri = resolve_index(config.index, config.storage) if config.index else None
+    header = IndexHeader.read(index_uri, config.storage) if index_uri else None
     model = config.model or (header.meta.model_spec if header else None)
     if model is None:
         raise BitrayError("bitray serve needs --model SPEC, or --index URI to serve the index's own model")

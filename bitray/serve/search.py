@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from bitray import storage
 from bitray.config import StorageConfig
 from bitray.errors import BitrayError
 from bitray.search.index import META_FILE, IndexMeta
+from bitray.search.service import FOLLOW_S
 
 
 @dataclass(frozen=True)
@@ -44,37 +46,75 @@ class IndexHeader:
 
 
 class SearchServer:
-    """Neighbours of a vector or of an indexed path; thumbnails and bytes of indexed paths."""
+    """Neighbours of a vector or of an indexed path; thumbnails and bytes of indexed paths.
 
-    def __init__(self, index_uri: str, *, thumbnail_px: int = 256, storage_json: str = "") -> None:
+    ``index_uri`` may be an index, an output or a collection root: the server follows ``index.json`` and the
+    collection's current version (a look at most every ``follow_s`` seconds), so an index update or a
+    switch of versions is served without a restart. A switch to a version of another model is refused for
+    queries by image (the app's model made their vectors) until the app is redeployed with it."""
+
+    def __init__(
+        self, index_uri: str, *, thumbnail_px: int = 256, storage_json: str = "", follow_s: float = FOLLOW_S
+    ) -> None:
+        self.given, self.thumbnail_px, self.follow_s = index_uri, thumbnail_px, follow_s
+        self.storage = StorageConfig.model_validate_json(storage_json) if storage_json else None
+        self._open(self._look())
+
+    def _look(self) -> tuple[str, str | None]:
+        """(the index to serve, its committed generation): 2-5 small requests."""
+        from bitray.search.index import resolve_index
+
+        uri = resolve_index(self.given, self.storage)
+        data = storage.read_if_exists(storage.join(uri, META_FILE), self.storage)
+        return uri, (IndexMeta.from_json(data, uri).generation if data else None)
+
+    def _open(self, served: tuple[str, str | None]) -> None:
         from bitray.search.index import load_index
         from bitray.search.scope import IndexReads
         from bitray.search.sharded import ShardedIndex
 
-        self.storage = StorageConfig.model_validate_json(storage_json) if storage_json else None
-        index = load_index(index_uri, self.storage)
+        index = load_index(served[0], self.storage)
         if isinstance(index, ShardedIndex):
             from bitray.search.service import SearchService
 
-            index = SearchService.start(index_uri.rstrip("/"), storage_config=self.storage)
-        self.index = index
-        self.meta = index.meta
+            # named by the URI given: a service of a collection root follows its switches itself
+            index = SearchService.start(self.given.rstrip("/"), storage_config=self.storage)
+        self.index, self.meta, self.served = index, index.meta, served
         self.reads = IndexReads.of_output(self.meta.embeddings, self.storage)
-        self.thumbnail_px = thumbnail_px
         self._thumbnail = functools.lru_cache(maxsize=256)(self._make_thumbnail)
+        self.looked = time.monotonic()
+
+    def _follow(self) -> None:
+        if time.monotonic() - self.looked < self.follow_s:
+            return
+        self.looked = time.monotonic()
+        served = self._look()
+        if served != self.served:
+            self._open(served)
 
     def describe(self) -> dict:
+        self._follow()
         return {"count": int(self.meta.count), "dim": int(self.meta.dim), "kind": self.meta.kind,
                 "model": self.meta.model_id}  # fmt: skip
 
     def holds(self, path: str) -> bool:
+        self._follow()
         try:
             return self.index.id_of(_normal(path)) is not None
         except (ValueError, OSError):  # not a path at all (a NUL byte, say)
             return False
 
-    def by_vector(self, vector: np.ndarray, k: int) -> list[dict]:
+    def by_vector(self, vector: np.ndarray, k: int, model_id: str | None = None) -> list[dict] | str:
+        """Neighbours of a vector made by ``model_id``; the reason instead when the index now holds
+        vectors of another model (a collection switched to a version the app does not serve)."""
         from bitray.search.query import neighbours_table
+
+        self._follow()
+        if model_id is not None and self.meta.model_id and model_id != self.meta.model_id:
+            return (
+                f"the index now holds vectors of {self.meta.model_id!r} and this app embeds with "
+                f"{model_id!r}; redeploy bitray serve for the new model, or search by path"
+            )
 
         sims, ids = self.index.search(np.asarray(vector, np.float32).reshape(1, -1), k)
         keep = ids[0] >= 0
