@@ -39,6 +39,23 @@ not move it; more dims at the same 128 bytes lose more to the codes than they ga
 vector the ceiling is the PCA's, and it falls as the count grows (neighbours get closer): 0.859 at 2M.
 Exact re-ranking (``search(rerank=N)``) is the way past it (1.000 at N=50), at the cost of reading the
 candidates' full vectors.
+
+**The library choice** (``bench/search_libs_bench.py`` on the same 200k vectors and queries, budget 160
+bytes a vector; 2026-12-06, the two libraries built at the same time on 2 shared cores, load 2-10):
+
+  ===================  ========================  =======  ============  =========  ===================
+  library              index                     build s  bytes/vector  recall@10  p50 ms (one query)
+  ===================  ========================  =======  ============  =========  ===================
+  bitray (faiss)       PCAR256,IVF840,PQ128       57      136           0.901      7.6 (warm service)
+  Lance 0.14 (pylance) IVF894_PQ128, cosine       434     174 (disk)    0.687      9.8; take(50) 6.1 ms
+  autofaiss 2.18       its own choice             --      --            --         --
+  ===================  ========================  =======  ============  =========  ===================
+
+Lance's PQ on the raw 2048 dims (16 per code byte) loses recall that nprobe does not recover (0.687 at
+64 and 128); its random access (``take`` of 50 rows in 6 ms) is what would make re-ranking cheap.
+autofaiss 2.18 fails on faiss 1.15 (``OPQMatrix(M=...)``); on faiss 1.7.4 it had not finished a 200k
+build in 14 minutes on this machine. Kept: faiss, sharded on Ray (bitray's figures are last session's
+one-run ones; the parameters are unchanged).
 """
 
 from __future__ import annotations
