@@ -272,6 +272,8 @@ def scale_main(args: argparse.Namespace) -> dict:
     else:  # the default mode's vectors and queries, exactly
         everything, _ = clustered(args.n, args.dim, args.clusters, args.sigma, args.seed)
         queries = _fresh_queries(args)
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "queries.npy", queries)  # for bench/search_libs_bench.py: the same queries
     best_sims = np.full((len(queries), args.k), -np.inf, np.float32)
     best_ids = np.full((len(queries), args.k), -1, np.int64)
     paths: list[str] = []
@@ -298,7 +300,7 @@ def scale_main(args: argparse.Namespace) -> dict:
     write_run(str(out), "scale", batches())
     written = time.perf_counter() - started
     print(f"wrote {args.n} vectors in {written:.0f} s", flush=True)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
     budget = parse_memory(args.max_index_memory) if args.max_index_memory else 160 * args.n
     with PeakRss() as memory:
         started = time.perf_counter()

@@ -14,6 +14,48 @@ Three kinds, the most exact one that fits ``max_index_memory`` bytes:
 
 The training sample is bounded (``TRAIN_MAX`` vectors) whatever the count, so training memory is flat;
 ``nlist`` is capped so that every cell still gets ``TRAIN_PER_CELL`` training vectors.
+
+**What bounds recall** (200k realistic bench vectors and queries, faiss in one process, recall@10 against
+brute force; 2026-12-06, machine shared, load 2-40):
+
+  ==============================================  ======  ===========
+  factory (train: PCA sample / cells+codes)       bytes   recall@10
+  ==============================================  ======  ===========
+  PCAR256,IVF1,Flat (exact in the PCA space)      1024    0.919
+  PCAR384,IVF1,Flat                               1536    0.937
+  PCAR512,IVF1,Flat                               2048    0.947
+  PCAR256,IVF840,PQ128 (32k; the default)         128     0.903 (nprobe 42), 0.905 (128)
+  PCAR256,IVF1788,PQ128 (32k / 131k reduced)      128     0.904 (64), 0.904 (128)
+  PCAR384,IVF840,PQ128 (32k)                      128     0.881 (42), 0.884 (128)
+  PCAR384,IVF1788,PQ128 (32k / 131k reduced)      128     0.885 (64), 0.886 (128)
+  PCAR256,IVF840,PQ256x4fs (4-bit fast scan)      128     0.853
+  PCAR512,IVF840,PQ256x4fs                        128     0.746
+  PCAR256,IVF840,SQ4                              128     0.852
+  ==============================================  ======  ===========
+
+The PCA to 256 dims alone caps recall at 0.919 (these vectors' ReLU and noise spread 5% of the variance
+over the other 1,792 dims); PQ128 loses 0.015 more; more cells, a 4x larger training sample or nprobe do
+not move it; more dims at the same 128 bytes lose more to the codes than they gain. So at <= 160 bytes a
+vector the ceiling is the PCA's, and it falls as the count grows (neighbours get closer): 0.859 at 2M.
+Exact re-ranking (``search(rerank=N)``) is the way past it (1.000 at N=50), at the cost of reading the
+candidates' full vectors.
+
+**The library choice** (``bench/search_libs_bench.py`` on the same 200k vectors and queries, budget 160
+bytes a vector; 2026-12-06, the two libraries built at the same time on 2 shared cores, load 2-10):
+
+  ===================  ========================  =======  ============  =========  ===================
+  library              index                     build s  bytes/vector  recall@10  p50 ms (one query)
+  ===================  ========================  =======  ============  =========  ===================
+  bitray (faiss)       PCAR256,IVF840,PQ128       57      136           0.901      7.6 (warm service)
+  Lance 0.14 (pylance) IVF894_PQ128, cosine       434     174 (disk)    0.687      9.8; take(50) 6.1 ms
+  autofaiss 2.18       its own choice             --      --            --         --
+  ===================  ========================  =======  ============  =========  ===================
+
+Lance's PQ on the raw 2048 dims (16 per code byte) loses recall that nprobe does not recover (0.687 at
+64 and 128); its random access (``take`` of 50 rows in 6 ms) is what would make re-ranking cheap.
+autofaiss 2.18 fails on faiss 1.15 (``OPQMatrix(M=...)``); on faiss 1.7.4 it had not finished a 200k
+build in 14 minutes on this machine. Kept: faiss, sharded on Ray (bitray's figures are last session's
+one-run ones; the parameters are unchanged).
 """
 
 from __future__ import annotations
