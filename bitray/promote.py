@@ -140,7 +140,7 @@ def _log(new: Version, current: Version, gate: Gate, result: GateResult) -> None
     """One MLflow run per gate in experiment ``bitray-embed``; a tracking failure costs a warning only."""
     from mlflow import MlflowClient
 
-    from bitray.tracking import ensure_experiment, quick_failures
+    from bitray.mlflow_client import ensure_experiment, quick_failures
 
     tracking = gate.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     quick_failures()

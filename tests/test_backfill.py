@@ -35,7 +35,7 @@ def at(minutes: float) -> datetime:
 
 
 def test_a_moved_alias_is_backfilled_caught_up_gated_and_switched(ray_head, registry, tmp_path):  # noqa: F811
-    from bitray import tracking
+    from bitray.model import registry as model_registry
 
     images, root = tmp_path / "images", tmp_path / "emb"
     for n in range(4):
@@ -62,7 +62,7 @@ def test_a_moved_alias_is_backfilled_caught_up_gated_and_switched(ray_head, regi
     assert outputs.settings(str(root)).model == "models:/tiny/1"
 
     # a fine-tune promotes version 2 and an image arrives: the next tick starts the backfill, once
-    tracking.set_alias(registry["uri"], "tiny", "champion", "2")
+    model_registry.set_alias(registry["uri"], "tiny", "champion", "2")
     write_png(images / "c0" / "4.png", 4)
     clock.now = at(2)
     first.tick()
@@ -102,7 +102,7 @@ def test_a_moved_alias_is_backfilled_caught_up_gated_and_switched(ray_head, regi
 
 
 def test_a_killed_backfill_is_resubmitted_and_an_overtaken_one_abandoned(ray_head, registry, tmp_path):  # noqa: F811
-    from bitray import tracking
+    from bitray.model import registry as model_registry
 
     images, root = tmp_path / "images", tmp_path / "emb"
     images.mkdir()
@@ -119,7 +119,7 @@ def test_a_killed_backfill_is_resubmitted_and_an_overtaken_one_abandoned(ray_hea
                           tracking_uri=registry["uri"])  # fmt: skip
     assert jobs.wait(scheduler.tick()[0].submission_id, timeout_s=300).status == "SUCCEEDED"
 
-    tracking.set_alias(registry["uri"], "tiny", "champion", "2")
+    model_registry.set_alias(registry["uri"], "tiny", "champion", "2")
     [started] = scheduler.backfills.tick()
     assert (started.version, started.outcome) == ("tiny-2", "started")
     # another schedule's model moves too: its backfill waits while this one runs (max_concurrent_backfills: 1)
@@ -139,7 +139,7 @@ def test_a_killed_backfill_is_resubmitted_and_an_overtaken_one_abandoned(ray_hea
     [resumed] = scheduler.backfills.tick()
     assert (resumed.outcome, resumed.job) == ("resubmitted", started.job[:-1] + "2")
 
-    tracking.set_alias(registry["uri"], "tiny", "champion", "1")  # the promotion is rolled back
+    model_registry.set_alias(registry["uri"], "tiny", "champion", "1")  # the promotion is rolled back
     [abandoned] = scheduler.backfills.tick()
     assert (abandoned.version, abandoned.outcome) == ("tiny-2", "abandoned")
     assert jobs.status(resumed.job).is_terminal

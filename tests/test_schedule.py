@@ -217,7 +217,8 @@ def test_three_windows_embed_every_version_once_across_restarts(ray_head, mlflow
     versions = list(zip(table.column("path").to_pylist(), table.column("size").to_pylist(), strict=True))
     assert len(versions) == len(set(versions)) == 4
     assert sorted(Path(p).name for p, _ in versions) == ["a.png", "b.png", "b.png", "c.png"]
-    ours = [j for j in jobs.list() if j.submission_id.startswith("bitray-embed-")]
+    # this schedule's jobs only: the Ray head is shared with other tests' schedules (backfills, say)
+    ours = [j for j in jobs.list() if j.submission_id.startswith(f"bitray-embed-{first.digest}-")]
     assert len(ours) == 3
 
     client = MlflowClient(tracking_uri=mlflow_tracking_uri)

@@ -48,8 +48,8 @@ def app(tmp_path_factory, ray_local) -> Iterator[dict]:
     from embed_fixtures import tiny_config
     from ray import serve
 
-    from bitray.cli.embed import write_sample_photos
     from bitray.embed import run_embedding
+    from bitray.examples import write_sample_photos
     from bitray.search.index import update_index
     from bitray.serve.app import build
     from bitray.serve.config import ServeConfig
