@@ -71,14 +71,11 @@ def merge_shards(
 
     digest = hashlib.sha1("\n".join([template, str(number), *(r["name"] for r in group)]).encode())
     name = f"merged-{number:06d}-{digest.hexdigest()[:16]}"
-    record_uri = shards.shard_uri(index_uri, name, ".json")
-    held = storage.read_if_exists(record_uri, storage_config)
+    held = shards.committed_record(index_uri, name, storage_config)
     if held is not None:
-        return json.loads(held)
+        return held
     started = time.monotonic()
-    merged = faiss.deserialize_index(
-        np.frombuffer(storage.read_bytes(storage.join(index_uri, template), storage_config), np.uint8)
-    )
+    merged = shards.trained_template(index_uri, template, storage_config)
     target = faiss.extract_index_ivf(merged)
     base, tables, errors = number << 32, [], []
     for record in sorted(group, key=lambda r: r["number"]):
@@ -121,7 +118,9 @@ def merge_shards(
         "merged_from": [r["name"] for r in group],
         "seconds": round(time.monotonic() - started, 3),
     }
-    storage.write_bytes(record_uri, json.dumps(record).encode(), storage_config)
+    storage.write_bytes(
+        shards.shard_uri(index_uri, name, ".json"), json.dumps(record).encode(), storage_config
+    )
     return record
 
 

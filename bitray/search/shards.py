@@ -142,18 +142,29 @@ def reconstruction_error(index, sample: np.ndarray) -> float:  # noqa: ANN001 - 
     return float(np.mean(np.sum((sample - decoded) ** 2, axis=1)))
 
 
+def committed_record(index_uri: str, name: str, storage_config: StorageConfig | None) -> dict | None:
+    """The record of shard ``name`` when an earlier attempt committed it (a resumed build skips it)."""
+    held = storage.read_if_exists(shard_uri(index_uri, name, ".json"), storage_config)
+    return json.loads(held) if held is not None else None
+
+
+def trained_template(index_uri: str, template: str, storage_config: StorageConfig | None):  # noqa: ANN201
+    """A fresh copy of the index's trained, empty faiss template, to add a shard's vectors to."""
+    import faiss
+
+    data = storage.read_bytes(storage.join(index_uri, template), storage_config)
+    return faiss.deserialize_index(np.frombuffer(data, np.uint8))
+
+
 def build_shard(index_uri: str, template: str, job: ShardJob, storage_config: StorageConfig | None) -> dict:
     """Encode one file group into its shard (a Ray task's body); its record, also when committed before."""
     import faiss
 
-    record_uri = shard_uri(index_uri, job.name, ".json")
-    held = storage.read_if_exists(record_uri, storage_config)
+    held = committed_record(index_uri, job.name, storage_config)
     if held is not None:
-        return json.loads(held)
+        return held
     started = time.monotonic()
-    index = faiss.deserialize_index(
-        np.frombuffer(storage.read_bytes(storage.join(index_uri, template), storage_config), np.uint8)
-    )
+    index = trained_template(index_uri, template, storage_config)
     base = job.number << 32
     tables, models, local, sample = [], set(), 0, []
     columns = (*vectors.ROW_COLUMNS, "embedding")
@@ -192,7 +203,7 @@ def build_shard(index_uri: str, template: str, job: ShardJob, storage_config: St
         "seconds": round(time.monotonic() - started, 3),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,  # this worker's, so far
     }
-    storage.write_bytes(record_uri, json.dumps(record).encode(), storage_config)
+    storage.write_bytes(shard_uri(index_uri, job.name, ".json"), json.dumps(record).encode(), storage_config)
     return record
 
 
