@@ -91,7 +91,12 @@ def build(args: dict[str, Any] | ServeConfig) -> Application:
         searcher = (
             serve.deployment(SearchServer)
             .options(name="search", num_replicas=1, ray_actor_options={"num_cpus": SEARCH_CPUS})
-            .bind(config.index, thumbnail_px=config.thumbnail_px, storage_json=storage_json)
+            .bind(
+                config.index,
+                thumbnail_px=config.thumbnail_px,
+                storage_json=storage_json,
+                follow_s=config.follow_s,
+            )  # fmt: skip
         )
     limits = Limits(
         decode=decode,
@@ -102,6 +107,7 @@ def build(args: dict[str, Any] | ServeConfig) -> Application:
         k_default=min(config.k_default, config.k_max),
         max_pixels=config.max_pixels,
         max_decode_bytes=config.max_decode_mb * 2**20,
+        follow_s=config.follow_s,
     )
     ingress = serve.deployment(Ingress).options(
         name="ingress",
