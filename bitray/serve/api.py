@@ -49,10 +49,9 @@ api.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 @dataclass(frozen=True)
 class Limits:
-    """What the ingress enforces per request, and how it decodes (``size`` None: ask the model)."""
+    """What the ingress enforces per request, and how it decodes without an index (with one: as the index
+    served, ``SearchServer.describe``)."""
 
-    decode: DecodeOptions | None
-    """With an index: its recorded size and decode. None: the model's own size (or 224), ``fast``."""
     exact: bool
     image_size: int | None
     max_bytes: int
@@ -167,15 +166,12 @@ class Ingress:
                 )
             return self._options[key]
         if which not in self._options:
-            if which == "embed" and self.limits.decode is not None:
-                self._options[which] = self.limits.decode
-            else:
-                own = (await self._describe(which))["image_size"]  # a fine-tune's crop, when known
-                given = self.limits.image_size
-                size = (given or own if which == "embed" else own or given) or DEFAULT_SIZE
-                self._options[which] = DecodeOptions(
-                    (size, size), self.limits.max_pixels, self.limits.max_decode_bytes, self.limits.exact
-                )
+            own = (await self._describe(which))["image_size"]  # a fine-tune's crop, when known
+            given = self.limits.image_size
+            size = (given or own if which == "embed" else own or given) or DEFAULT_SIZE
+            self._options[which] = DecodeOptions(
+                (size, size), self.limits.max_pixels, self.limits.max_decode_bytes, self.limits.exact
+            )
         return self._options[which]
 
     async def _pixels(self, data: bytes, which: str) -> np.ndarray:
