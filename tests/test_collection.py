@@ -213,6 +213,12 @@ def test_the_serving_search_follows_a_switch_without_a_restart(old_output, capsy
     assert main(["outputs", "switch", old_output, "v2"]) == 0
     assert server.describe()["pending"] is None  # the switch back was undone before the app took it
 
+    collection = Collection(old_output)
+    embed(collection.add("v3").uri, "c", "bit-tiny@v2")
+    collection.update("v3", state="complete")
+    collection.switch("v3")  # by hand, before its index was built: v2's stays served
+    assert server.describe()["index"].endswith("versions/v2/_index") and server.holds(new)
+
 
 def rows_of(output: str) -> list[tuple]:
     """The (path, run, vector) rows of an output's own files, sorted, read with pyarrow alone."""

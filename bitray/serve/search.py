@@ -116,6 +116,8 @@ class SearchServer:
         look = self._look()
         if look[:2] == self.served:
             self.pending = self.problem = None  # switched back before the new model was promoted
+        elif look[2] is None:
+            pass  # switched to a version without an index yet (by hand): the one served stays
         elif look[2] is not None and self.meta.model_id and look[2].model_id != self.meta.model_id:
             if self.pending is None or self.pending.uri != look[0]:
                 self.pending, self.problem = Pending(look[0], look[2], time.time()), None
