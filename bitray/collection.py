@@ -142,6 +142,17 @@ def current_data(root: str, storage_config: StorageConfig | None = None) -> str:
     return Collection(root, storage_config).current_uri()
 
 
+def migrated_root(output: str, storage_config: StorageConfig | None = None) -> bool:
+    """Whether ``output`` is a collection root whose v0 was moved under ``versions/`` (``bitray outputs
+    migrate``): files written at ROOT itself would be no version's, so a run planned there before the
+    migration must not write them (two GETs)."""
+    collection = Collection(output, storage_config)
+    if collection.pointer() is None:
+        return False
+    data = storage.read_if_exists(collection.record_uri(ROOT_VERSION), collection.storage)
+    return data is not None and collection._parse(VersionRecord, data, output).data != "."
+
+
 def following(config: EmbedConfig) -> EmbedConfig:
     """``config`` writing into the current version when its output is a collection root (read once, so a
     switch during a run cannot split the run across two versions)."""

@@ -14,7 +14,7 @@ import pytest
 
 from bitray import outputs, storage
 from bitray.cli import main
-from bitray.collection import Collection, SwitchConflict, following
+from bitray.collection import Collection, SwitchConflict, following, migrated_root
 from bitray.config import EmbedConfig
 from bitray.search.synthetic import batches_of, write_run
 
@@ -257,7 +257,9 @@ def test_migrate_gives_v0_a_path_of_its_own(old_output, capsys):
     (root / "_bitray" / "runs" / "c").rmdir()
     assert rows_of(old_output) == v0_rows and Collection(old_output).record("v0").data == "."  # untouched
 
+    assert not migrated_root(old_output)
     assert main(["outputs", "migrate", old_output]) == 0
+    assert migrated_root(old_output)  # a run planned at ROOT before the migration refuses to write there
     assert f"copied, verified and switched to {target}; index {target / '_index'}" in capsys.readouterr().out
     assert rows_of(str(target)) == v0_rows  # every row once: the partial leftover is gone
     assert not any((root / part).exists() for part in ("embeddings", "errors", "_index", "_bitray/state"))
