@@ -47,6 +47,8 @@ from bitray.errors import BitrayError
 
 ROOT_VERSION = "v0"
 """The name of the version an output made before collections holds at ROOT itself."""
+ROOT_PARTS = ("embeddings", "predictions", "errors", "_index", "_bitray/state", "_bitray/runs")
+"""What of ROOT is v0's data (an output's files but its lock), until ``bitray outputs migrate`` moves it."""
 State = Literal["backfilling", "complete", "retired"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -140,6 +142,17 @@ def current_data(root: str, storage_config: StorageConfig | None = None) -> str:
     return Collection(root, storage_config).current_uri()
 
 
+def migrated_root(output: str, storage_config: StorageConfig | None = None) -> bool:
+    """Whether ``output`` is a collection root whose v0 was moved under ``versions/`` (``bitray outputs
+    migrate``): files written at ROOT itself would be no version's, so a run planned there before the
+    migration must not write them (two GETs)."""
+    collection = Collection(output, storage_config)
+    if collection.pointer() is None:
+        return False
+    data = storage.read_if_exists(collection.record_uri(ROOT_VERSION), collection.storage)
+    return data is not None and collection._parse(VersionRecord, data, output).data != "."
+
+
 def following(config: EmbedConfig) -> EmbedConfig:
     """``config`` writing into the current version when its output is a collection root (read once, so a
     switch during a run cannot split the run across two versions)."""
@@ -225,12 +238,23 @@ class Collection:
             raise BitrayError(f"{self.root} already has a version {name!r}; choose another name")
         return Version(record, self.data_uri(record), False)
 
-    def update(self, name: str, **changes: Any) -> VersionRecord:
-        """Rewrite fields of a version's record (its state, model id, gate result)."""
-        record = self.record(name).model_copy(update=changes)
-        VersionRecord.model_validate(record.model_dump())
-        storage.write_bytes(self.record_uri(name), _dump(record), self.storage)
-        return record
+    def update(self, name: str, *, expect_data: str | None = None, **changes: Any) -> VersionRecord:
+        """Rewrite fields of a version's record (its state, model id, gate result, data path) with one
+        conditional write, so two updates never undo each other. ``expect_data``: only if its data path is
+        still this (``SwitchConflict`` otherwise)."""
+        self.record(name)  # v0's record is written (adopted) before it is changed; others must exist
+        self._adopt_root()
+
+        def change(held: VersionRecord | None) -> VersionRecord:
+            if held is None:
+                raise BitrayError(f"{self.root} has no version {name!r} any more (deleted meanwhile)")
+            if expect_data is not None and held.data != expect_data:
+                raise SwitchConflict(
+                    f"{self.root}: version {name!r} holds its data at {held.data!r}, not {expect_data!r}"
+                )
+            return VersionRecord.model_validate({**held.model_dump(), **changes})
+
+        return self._swap(change, self.record_uri(name), VersionRecord)
 
     def switch(self, name: str, *, expect: str | None = None) -> Pointer:
         """Make ``name`` current with one conditional write. ``expect``: the version the caller believes
@@ -277,14 +301,7 @@ class Collection:
             if time.time() - record.retired < keep_s:
                 continue
             if record.data == ".":  # ROOT's own data: everything but the collection's files
-                for part in (
-                    "embeddings",
-                    "predictions",
-                    "errors",
-                    "_index",
-                    "_bitray/state",
-                    "_bitray/runs",
-                ):
+                for part in ROOT_PARTS:
                     storage.delete_tree(storage.join(self.root, part), self.storage)
             else:
                 storage.delete_tree(version.uri, self.storage)
@@ -310,20 +327,21 @@ class Collection:
 
         self._swap(adopt)
 
-    def _swap(self, move) -> Pointer:  # noqa: ANN001 - Callable[[Pointer | None], Pointer]
-        """Replace the pointer with ``move(held)`` only if it is still ``held`` (compare-and-swap)."""
-        uri = self.pointer_uri
+    def _swap(self, move, uri: str | None = None, kind: type[BaseModel] = Pointer):  # noqa: ANN001, ANN202
+        """Replace the pointer (or the ``kind`` object at ``uri``) with ``move(held)`` only if it is still
+        ``held`` (compare-and-swap); the new one."""
+        uri = uri or self.pointer_uri
         if storage.is_remote(uri):
             obj = storage.conditional_object(uri, self.storage, timeout_s=30.0)
             found = obj.read()
-            held = None if found is None else self._parse(Pointer, found[0], uri)
+            held = None if found is None else self._parse(kind, found[0], uri)
             new = move(held)
             data = _dump(new)
             tag = obj.create(data) if found is None else obj.replace(data, found[1])
             if tag is None:
                 raise SwitchConflict(
-                    f"{uri} changed during this switch (another switch came first); nothing switched: check "
-                    f"bitray outputs {self.root} and switch again"
+                    f"{uri} changed meanwhile (another switch or update came first); nothing changed: check "
+                    f"bitray outputs {self.root} and try again"
                 )
             return new
         path = storage.local_path(uri)
@@ -331,7 +349,7 @@ class Collection:
         with open(Path(str(path) + ".lock"), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                held = self._parse(Pointer, path.read_bytes(), uri) if path.exists() else None
+                held = self._parse(kind, path.read_bytes(), uri) if path.exists() else None
                 new = move(held)
                 storage.write_bytes(str(path), _dump(new))
                 return new

@@ -14,7 +14,7 @@ import pytest
 
 from bitray import outputs, storage
 from bitray.cli import main
-from bitray.collection import Collection, SwitchConflict, following
+from bitray.collection import Collection, SwitchConflict, following, migrated_root
 from bitray.config import EmbedConfig
 from bitray.search.synthetic import batches_of, write_run
 
@@ -180,7 +180,8 @@ def test_on_s3_a_switch_follows_refuses_a_stale_expectation_and_gc_deletes_v0(s3
 
 def test_the_serving_search_follows_a_switch_without_a_restart(old_output, capsys):
     """The serve app's search deployment (a plain class here) given a collection root serves the current
-    version's index, follows a switch at its next look, and refuses image queries of the old model."""
+    version's index; a switch to a version of another model waits (pending) until the app's embedder has
+    that model (``promote``): until then the old version is served whole, by path and by image."""
     from bitray.serve.search import SearchServer
 
     assert main(["index", "--embeddings", old_output]) == 0
@@ -193,8 +194,103 @@ def test_the_serving_search_follows_a_switch_without_a_restart(old_output, capsy
     embed(Collection(old_output).add("v2").uri, "b", "bit-tiny@v2", extra=True)
     assert main(["outputs", "switch", old_output, "v2"]) == 0  # builds v2's index, then switches
     capsys.readouterr()
-    assert server.holds(new)  # the next look follows the pointer to v2's index
-    assert server.by_path(new, 1)[0]["path"].startswith("/data/c0/")
-    reason = server.by_vector(query, 3, "bit-tiny@v1")
-    assert isinstance(reason, str) and "'bit-tiny@v2'" in reason and "redeploy" in reason
+    described = server.describe()
+    assert described["model"] == "bit-tiny@v1" and described["pending"]["model"] == "bit-tiny@v2"
+    assert not server.holds(new) and server.by_vector(query, 3, "bit-tiny@v1")[0]["path"].startswith("/data/")
+    assert server.refuse("bit-tiny@v2", "cannot load")["problem"] == "cannot load"  # still v1, and why
+    assert server.by_path(PATHS[0], 1)[0]["path"].startswith("/data/c0/")
+
+    described = server.promote("bit-tiny@v2")  # the embedder holds v2's model now
+    assert described["model"] == "bit-tiny@v2" and described["pending"] is None and not described["problem"]
+    assert described["since"] > 0 and described["index"].endswith("versions/v2/_index")
+    assert server.holds(new) and server.by_path(new, 1)[0]["path"].startswith("/data/c0/")
+    reason = server.by_vector(query, 3, "bit-tiny@v1")  # a query embedded just before the promotion
+    assert isinstance(reason, str) and "'bit-tiny@v2'" in reason
     assert server.by_vector(query, 3, "bit-tiny@v2")[0]["path"].startswith("/data/c0/")
+
+    assert main(["outputs", "switch", old_output, "v0"]) == 0  # back again, before any promotion
+    assert server.describe()["pending"]["model"] == "bit-tiny@v1"
+    assert main(["outputs", "switch", old_output, "v2"]) == 0
+    assert server.describe()["pending"] is None  # the switch back was undone before the app took it
+
+    collection = Collection(old_output)
+    embed(collection.add("v3").uri, "c", "bit-tiny@v2")
+    collection.update("v3", state="complete")
+    collection.switch("v3")  # by hand, before its index was built: v2's stays served
+    assert server.describe()["index"].endswith("versions/v2/_index") and server.holds(new)
+
+
+def rows_of(output: str) -> list[tuple]:
+    """The (path, run, vector) rows of an output's own files, sorted, read with pyarrow alone."""
+    import pyarrow.dataset as ds
+
+    fs, path = storage.filesystem_for(storage.join(output, "embeddings"))
+    table = ds.dataset(path, filesystem=fs, format="parquet").to_table(
+        columns=["path", "run_id", "embedding"]
+    )
+    return sorted(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True))
+
+
+def test_migrate_gives_v0_a_path_of_its_own(old_output, capsys):
+    """Copy, verify, one conditional write of v0's record, delete: readers never lose or see twice a row;
+    a run in progress (the output's lock) or an unfinished run refuses it; running it again is harmless."""
+    from bitray.locks import open_lock
+
+    root, target = Path(old_output), Path(old_output) / "versions" / "v0"
+    assert main(["index", "--embeddings", old_output]) == 0
+    v0_rows = rows_of(old_output)
+    embed(Collection(old_output).add("v2").uri, "b", "bit-tiny@v2", extra=True)
+    assert main(["outputs", "switch", old_output, "v2"]) == 0
+    (target / "embeddings").mkdir(parents=True)  # the leftovers of a migration killed while copying
+    (target / "embeddings" / "part-x-000000.parquet").write_bytes(b"partial")
+
+    with open_lock(str(root / "_bitray" / "lock"), "a-run", storage=EmbedConfig().storage, ttl_s=60):
+        capsys.readouterr()
+        assert main(["outputs", "migrate", old_output]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "another bitray run is working on" in err and "migrate" in err and len(err.strip().splitlines()) == 1
+    )
+    (root / "_bitray" / "runs" / "c").mkdir()  # a run begun and killed, to be resumed at ROOT
+    assert main(["outputs", "migrate", old_output]) == 2
+    assert "unfinished run (c)" in capsys.readouterr().err
+    (root / "_bitray" / "runs" / "c").rmdir()
+    assert rows_of(old_output) == v0_rows and Collection(old_output).record("v0").data == "."  # untouched
+
+    assert not migrated_root(old_output)
+    assert main(["outputs", "migrate", old_output]) == 0
+    assert migrated_root(old_output)  # a run planned at ROOT before the migration refuses to write there
+    assert f"copied, verified and switched to {target}; index {target / '_index'}" in capsys.readouterr().out
+    assert rows_of(str(target)) == v0_rows  # every row once: the partial leftover is gone
+    assert not any((root / part).exists() for part in ("embeddings", "errors", "_index", "_bitray/state"))
+    assert sorted(p.name for p in root.iterdir()) == ["_bitray", "versions"]
+    rows = {r["name"]: (r["state"], r["images"], r["data"]) for r in listing(old_output, capsys)["versions"]}
+    assert rows == {"v0": ("complete", 40, str(target)), "v2": ("current", 41, str(root / "versions" / "v2"))}
+    assert outputs.finished_runs(old_output) == ["b"]  # the current version is untouched
+
+    assert main(["outputs", "switch", old_output, "v0"]) == 0  # v0 reads from its own path now
+    assert outputs.data_path(old_output) == str(target) and outputs.finished_runs(old_output) == ["a"]
+    capsys.readouterr()
+    assert main(["search", "--index", old_output, "--path", PATHS[0], "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"].startswith("/data/c0/")  # v0's index, rebuilt there
+    assert main(["outputs", "migrate", old_output]) == 0
+    assert f"already at {target}" in capsys.readouterr().out
+    assert main(["outputs", "migrate", str(root / "versions" / "none")]) == 2  # no output there
+    assert "nothing to migrate" in capsys.readouterr().err
+
+
+def test_on_s3_migrate_moves_v0_under_versions(s3_bucket, capsys):
+    root = f"s3://{s3_bucket}/emb"
+    embed(root, "a", "bit-tiny@v1")
+    v0_rows = rows_of(root)
+    collection = Collection(root)
+    embed(collection.add("v2").uri, "b", "bit-tiny@v2")
+    collection.update("v2", state="complete")
+    collection.switch("v2")
+    assert main(["outputs", "migrate", root]) == 0
+    assert "copied, verified and switched to" in capsys.readouterr().out
+    assert rows_of(f"{root}/versions/v0") == v0_rows
+    assert storage.list_names(root) == ["_bitray", "versions"]
+    assert not storage.list_names(f"{root}/_bitray/state") and not storage.list_names(f"{root}/_bitray/runs")
+    collection.switch("v0")
+    assert outputs.data_path(root) == f"{root}/versions/v0" and outputs.finished_runs(root) == ["a"]

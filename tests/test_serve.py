@@ -2,13 +2,16 @@
 
 One application serves the whole module (starting Serve costs seconds): random:tiny at 32 px with an
 index of a small embedding output, and a tiny fine-tuned classifier export. The output's inputs hold one
-bad file of each kind, so its error rows say what the API must answer for the same bytes.
+bad file of each kind, so its error rows say what the API must answer for the same bytes. The app is given
+the output's root, so it follows the root's switches: a second version, embedded by another model (an
+export of random:tiny with other weights) before the app starts, is switched to by the last test.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +26,8 @@ MAX_BYTES = 60_000
 MAX_PIXELS = 100_000
 MAX_DECODE_MB = 1
 K_MAX = 5
+FOLLOW_S = 0.5
+OTHER_MODEL_ID = "bit-tiny@other"
 
 
 def _png(pixels: np.ndarray, mode: str | None = None) -> bytes:
@@ -45,12 +50,28 @@ def bad_files() -> dict[str, bytes]:
     }
 
 
+def other_model(directory) -> str:  # noqa: ANN001 - a Path
+    """An export of random:tiny with other stem weights: other vectors, another model id."""
+    from dataclasses import replace
+
+    from bitray.model import load_model
+    from bitray.model.export import export_savedmodel
+
+    loaded = load_model("random:tiny")
+    stem = next(layer for layer in loaded.model.layers if layer.get_weights())
+    rng = np.random.default_rng(2)
+    stem.set_weights([rng.standard_normal(w.shape).astype(np.float32) for w in stem.get_weights()])
+    export_savedmodel(replace(loaded, model_id=OTHER_MODEL_ID), directory)
+    return f"savedmodel:{directory}"
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, ray_local):
     """The base URL of the running app, and what it serves."""
     from model_fixtures import random_head_classifier
     from ray import serve
 
+    from bitray.collection import Collection
     from bitray.embed import run_embedding
     from bitray.model.export import export_savedmodel
     from bitray.search.index import update_index
@@ -69,11 +90,21 @@ def app(tmp_path_factory, ray_local):
         )
     )  # fmt: skip
     update_index(str(output))
+    other = other_model(root / "other-model")
+    more = write_photos(root / "more", 1, seed=9)  # only the second version holds it
+    v2 = Collection(str(output)).add("v2", model=other).uri
+    run_embedding(
+        tiny_config(
+            [str(root / "photos"), str(root / "more")], v2, model=other,
+            max_pixels=MAX_PIXELS, max_decode_mb=MAX_DECODE_MB, max_bytes=MAX_BYTES,
+        )
+    )  # fmt: skip
     classifier = random_head_classifier(3)
     classifier.class_names = ["cat", "dog", "owl"]
     export_savedmodel(classifier, root / "classifier", classifier=True)
     config = ServeConfig(
-        index=str(output / "_index"),
+        index=str(output),  # the root: its current version's index
+        follow_s=FOLLOW_S,
         classifier=f"savedmodel:{root / 'classifier'}",
         port=free_port(),
         replicas_max=1,
@@ -86,7 +117,8 @@ def app(tmp_path_factory, ray_local):
     serve.start(http_options={"host": config.host, "port": config.port})
     try:
         serve.run(build(config), name="bitray", route_prefix="/")
-        yield {"url": f"http://127.0.0.1:{config.port}", "photos": photos, "output": output, "root": root}
+        yield {"url": f"http://127.0.0.1:{config.port}", "photos": photos, "output": output, "root": root,
+               "v2": v2, "more": more}  # fmt: skip
     finally:
         serve.shutdown()
 
@@ -189,7 +221,9 @@ def test_oversize_bodies_are_refused_before_being_read(app):
 
 
 def test_health_config_and_page(app):
-    assert requests.get(f"{app['url']}/healthz", timeout=30).json() == {"status": "ok"}
+    health = requests.get(f"{app['url']}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["index"] == str(app["output"] / "_index")
+    assert health["model"].startswith("bit-tiny") and not health["pending"] and not health["problem"]
     config = requests.get(f"{app['url']}/config", timeout=30).json()
     assert config["index"] is True and config["classifier"] and config["k_max"] == K_MAX
     assert config["model"].startswith("bit-tiny")
@@ -258,3 +292,67 @@ def test_a_model_other_than_the_indexs_is_refused():
 
     with pytest.raises(BitrayError, match="the index holds vectors of 'bit-r50x1@random-init'"):
         ModelServer("random:tiny", task="embed", threads=1, expect_model_id="bit-r50x1@random-init")
+
+
+def bulk_vector(output, photo) -> np.ndarray:  # noqa: ANN001 - paths
+    embeddings, _ = read_output(output)
+    return np.asarray(dict(zip(embeddings["path"], embeddings["embedding"], strict=True))[str(photo)])
+
+
+def cosine(a, b) -> float:  # noqa: ANN001 - vectors
+    a, b = np.asarray(a), np.asarray(b)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_the_app_follows_a_switch_to_another_models_version_without_a_restart(app):
+    """Switched to a version embedded by another model, the app loads that model and then serves the
+    version: search by image answers throughout (the old version until the new model is loaded), and a
+    version whose model cannot be loaded leaves the app on the one it serves, degraded and saying why."""
+    from bitray.collection import Collection
+    from bitray.promote import promote
+    from bitray.search.synthetic import batches_of, write_run
+
+    url, photo, root = app["url"], app["photos"][0], str(app["output"])
+
+    def search_by_image() -> dict:
+        reply = requests.post(f"{url}/search?k=2", data=photo.read_bytes(), timeout=60)
+        assert reply.status_code == 200, reply.text  # never a refusal while the app switches
+        first = reply.json()["neighbours"][0]
+        assert first["path"] == str(photo) and first["similarity"] >= 0.999  # query and index: one model
+        return first
+
+    def health() -> dict:
+        return requests.get(f"{url}/healthz", timeout=30).json()
+
+    search_by_image()
+    promote(root, "v2")  # indexes v2, then switches
+    deadline = time.monotonic() + 60
+    while health()["model"] != OTHER_MODEL_ID:
+        search_by_image()
+        assert time.monotonic() < deadline, health()
+    assert health() == {"status": "ok", "model": OTHER_MODEL_ID, "index": f"{app['v2']}/_index",
+                        "pending": None, "problem": None}  # fmt: skip
+    assert requests.get(f"{url}/config", timeout=30).json()["model"] == OTHER_MODEL_ID
+    search_by_image()
+    embedded = requests.post(f"{url}/embed", data=photo.read_bytes(), timeout=60).json()
+    assert embedded["model"] == OTHER_MODEL_ID
+    new, old = (bulk_vector(output, photo) for output in (app["v2"], app["output"]))
+    assert cosine(embedded["embedding"], new) >= 0.999 and cosine(new, old) < 0.99  # the other model's
+    more = str(app["more"][0])
+    reply = requests.post(f"{url}/search", json={"path": more, "k": 1}, timeout=60)
+    assert reply.status_code == 200 and reply.json()["neighbours"], reply.text  # only v2 holds it
+
+    # v3 records a model its spec no longer loads (random:tiny gives bit-tiny@random-init)
+    v3 = Collection(root).add("v3").uri
+    paths = [f"/elsewhere/{i}.jpg" for i in range(4)]
+    write_run(v3, "c", batches_of(paths, np.eye(4, 8, dtype=np.float32), 4), model_id="bit-tiny@gone")
+    promote(root, "v3")
+    deadline = time.monotonic() + 60
+    while health()["status"] != "degraded":
+        search_by_image()
+        assert time.monotonic() < deadline, health()
+    degraded = health()
+    assert degraded["model"] == OTHER_MODEL_ID and degraded["pending"]["model"] == "bit-tiny@gone"
+    assert "cannot be served" in degraded["problem"] and "bit-tiny@gone" in degraded["problem"]
+    search_by_image()  # v2 still served whole
+    assert requests.post(f"{url}/search", json={"path": more, "k": 1}, timeout=60).status_code == 200

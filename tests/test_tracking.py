@@ -144,3 +144,17 @@ def test_unreachable_server_at_start_is_a_clear_error():
 def test_registered_model_uri_must_use_models_scheme():
     with pytest.raises(BitrayError, match="models:/"):
         registry.resolve_registered_model("runs:/abc/model")
+
+
+def test_a_model_pickled_before_the_registry_moved_still_loads():
+    """MLflow pickles a pyfunc's ``python_model`` with cloudpickle, by reference to its class's module:
+    models registered before ``bitray.model.pyfunc`` existed name ``bitray.tracking.BitClassifier``."""
+    import cloudpickle
+
+    from bitray.model.pyfunc import BitClassifier
+
+    new = cloudpickle.dumps(BitClassifier(), protocol=2)  # protocol 2: the reference is one plain line
+    reference = b"cbitray.model.pyfunc\nBitClassifier\n"
+    assert new.count(reference) == 1  # by reference, not by value
+    old = new.replace(reference, b"cbitray.tracking\nBitClassifier\n")  # as such a model's pickle reads
+    assert type(cloudpickle.loads(old)) is BitClassifier

@@ -1,4 +1,4 @@
-"""``bitray outputs ROOT`` and ``bitray outputs add|switch|retire|gc``: the versions of an output."""
+"""``bitray outputs ROOT`` and ``bitray outputs add|switch|retire|gc|migrate``: the versions of an output."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import re
 from bitray.cli.args import fraction
 from bitray.errors import BitrayError
 
-ACTIONS = {"add": 2, "switch": 2, "retire": 2, "gc": 1}
+ACTIONS = {"add": 2, "switch": 2, "retire": 2, "gc": 1, "migrate": 1}
 """Each action and how many words follow it (ROOT, and VERSION but for gc)."""
 USAGE = (
     "bitray outputs ROOT | add ROOT VERSION --model SPEC | switch ROOT VERSION | retire ROOT VERSION "
-    "| gc ROOT --keep AGE"
+    "| gc ROOT --keep AGE | migrate ROOT"
 )
 
 
@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="An output root holds one version per model, one current (bitray.collection). "
         "'bitray outputs ROOT' lists them and prints the current version's data path (the path pandas, "
         "DuckDB or Spark read); 'add' makes a version to embed into, 'switch' indexes a version and makes "
-        "it current (gated with --labels), 'retire' marks one for deletion, 'gc' deletes retired ones.",
+        "it current (gated with --labels), 'retire' marks one for deletion, 'gc' deletes retired ones, "
+        "'migrate' moves the data of an output made before collections (version v0, at ROOT itself) under "
+        "ROOT/versions/v0.",
     )
     parser.add_argument("words", nargs="+", metavar="ACTION_OR_ROOT", help="see usage")
     parser.add_argument("--model", metavar="SPEC", help="add: the model the version is embedded with")
@@ -49,9 +51,8 @@ def run_outputs(args: argparse.Namespace) -> int:
     wanted = ACTIONS.get(action, 1)
     if len(operands) != wanted:
         raise BitrayError(f"'bitray outputs {' '.join(words)}': expected {USAGE}")
-    return {"list": _list, "add": _add, "switch": _switch, "retire": _retire, "gc": _gc}[action](
-        args, *operands
-    )
+    actions = {"list": _list, "add": _add, "switch": _switch, "retire": _retire, "gc": _gc}
+    return {**actions, "migrate": _migrate}[action](args, *operands)
 
 
 def _list(args: argparse.Namespace, root: str) -> int:
@@ -122,6 +123,15 @@ def _gc(args: argparse.Namespace, root: str) -> int:
         )
     deleted = Collection(root).gc(parse_age(args.keep))
     print(f"bitray: deleted {', '.join(deleted)}" if deleted else "bitray: nothing to delete")
+    return 0
+
+
+def _migrate(args: argparse.Namespace, root: str) -> int:
+    from bitray.migrate import migrate
+
+    done = migrate(root)
+    moved = f"{done.objects} objects copied, verified and switched to" if done.objects else "already at"
+    print(f"bitray: v0 of {root}: {moved} {done.data}" + (f"; index {done.index}" if done.index else ""))
     return 0
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bitray import storage
-from bitray.collection import following
+from bitray.collection import following, migrated_root
 from bitray.config import EmbedConfig
 from bitray.embed import pipeline
 from bitray.embed.commit import RunCommitter, publisher_for
@@ -79,6 +79,11 @@ def run_embedding(config: EmbedConfig, *, address: str | None = None) -> RunSumm
     run_id = config.run_id or new_run_id()
     print(f"bitray: run {run_id} -> {layout.output}", flush=True)
     with open_lock(layout.lock_uri, run_id, storage=layout.storage, ttl_s=config.lock_ttl_s) as lock:
+        if migrated_root(layout.output, layout.storage):  # planned at ROOT as its v0 moved away
+            raise BitrayError(
+                f"{layout.output}'s own data moved to {layout.output}/versions/v0 (bitray outputs migrate) "
+                "as this run started; run it again"
+            )
         state = IncrementalState.load(layout)
         params = RunParams.load_if_begun(layout, run_id) if config.run_id else None  # a new id is new
         others = [r for r in layout.run_ids() if r != run_id]

@@ -5,7 +5,13 @@
     POST /search     image, or JSON {"path": ..., "k": ...} of an indexed object, ?k= ->
                      {neighbours: [{path, similarity, width, height}], labels?: [...]}
     GET  /thumbnail  ?path= of an indexed object -> a small JPEG (404 for any other path)
-    GET  /healthz, GET /config, GET / (the page), GET /static/...
+    GET  /healthz    {status: ok | degraded, model, index?, pending?, problem?}: what is served now
+    GET  /config, GET / (the page), GET /static/...
+
+With an index, the app serves one version of it at a time and follows its switches (``bitray.collection``):
+the search deployment holds a switch to a version of another model back until the embedding replicas have
+loaded that model (``ModelServer.use``), then serves it; meanwhile the old version is served whole. A model
+that cannot be loaded keeps the old version served and ``/healthz`` says ``degraded`` and why.
 
 Every refusal is a 4xx with ``{"error": "<one line>"}``; decode failures carry the reason the pipeline's
 error rows carry for the same bytes. Nothing here reads a client-given URL or path: ``/search`` by path and
@@ -15,6 +21,7 @@ error rows carry for the same bytes. Nothing here reads a client-given URL or pa
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +49,9 @@ api.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 @dataclass(frozen=True)
 class Limits:
-    """What the ingress enforces per request, and how it decodes (``size`` None: ask the model)."""
+    """What the ingress enforces per request, and how it decodes without an index (with one: as the index
+    served, ``SearchServer.describe``)."""
 
-    decode: DecodeOptions | None
-    """With an index: its recorded size and decode. None: the model's own size (or 224), ``fast``."""
     exact: bool
     image_size: int | None
     max_bytes: int
@@ -53,6 +59,8 @@ class Limits:
     k_default: int
     max_pixels: int
     max_decode_bytes: int
+    follow_s: float = 5.0
+    """How often an ingress replica asks the search deployment what it serves (and whether a switch waits)."""
 
 
 def _error(status: int, reason: str) -> JSONResponse:
@@ -103,7 +111,42 @@ class Ingress:
     def __init__(self, embedder, classifier, searcher, limits: Limits) -> None:  # noqa: ANN001 - handles
         self.embedder, self.classifier, self.searcher, self.limits = embedder, classifier, searcher, limits
         self._described: dict[str, Any] = {}
-        self._options: dict[str, DecodeOptions] = {}
+        self._options: dict[Any, DecodeOptions] = {}
+        self._served: dict | None = None
+        """The search deployment's ``describe()``: the index and model served, a pending switch."""
+        self._looked = 0.0
+        self._switching: asyncio.Task | None = None
+
+    async def _index_state(self, fresh: bool = False) -> dict | None:
+        """What the search deployment serves (asked at most every ``follow_s``); a pending switch starts
+        the load of its model in the background, so requests keep being answered by the old version."""
+        if self.searcher is None:
+            return None
+        if fresh or self._served is None or time.monotonic() - self._looked >= self.limits.follow_s:
+            self._looked = time.monotonic()
+            self._served = await self.searcher.describe.remote()
+        pending = self._served["pending"]
+        if pending and self._switching is None:
+            self._switching = asyncio.create_task(self._switch(pending))
+        return self._served
+
+    async def _switch(self, pending: dict) -> None:
+        """Load the pending version's model in an embedding replica, then have the search deployment serve
+        that version; or record why the model cannot be loaded, and try again after ``RETRY_S``."""
+        from bitray.serve.models import RETRY_S
+
+        try:
+            loaded = await self.embedder.use.remote(
+                pending["spec"], pending["model"], pending["since"], tuple(pending["image_size"])
+            )
+            if isinstance(loaded, str):
+                log.error("index %s cannot be served: %s", pending["index"], loaded)
+                self._served = await self.searcher.refuse.remote(pending["model"], loaded)
+                await asyncio.sleep(RETRY_S)
+            else:
+                self._served = await self.searcher.promote.remote(pending["model"])
+        finally:
+            self._switching = None
 
     async def _describe(self, which: str) -> dict:
         if which not in self._described:
@@ -112,18 +155,23 @@ class Ingress:
         return self._described[which]
 
     async def _decode_options(self, which: str) -> DecodeOptions:
-        """The embedding model decodes as the index (when there is one), else at ``image_size`` or its own
-        size; a classifier at the size it was fine-tuned at (else ``image_size``, else 224)."""
-        if which not in self._options:
-            if which == "embed" and self.limits.decode is not None:
-                self._options[which] = self.limits.decode
-            else:
-                own = (await self._describe(which))["image_size"]  # a fine-tune's crop, when known
-                given = self.limits.image_size
-                size = (given or own if which == "embed" else own or given) or DEFAULT_SIZE
-                self._options[which] = DecodeOptions(
-                    (size, size), self.limits.max_pixels, self.limits.max_decode_bytes, self.limits.exact
+        """The embedding model decodes as the index served (when there is one), else at ``image_size`` or its
+        own size; a classifier at the size it was fine-tuned at (else ``image_size``, else 224)."""
+        served = await self._index_state() if which == "embed" else None
+        if served is not None:
+            key = (tuple(served["image_size"]), served["decode"])
+            if key not in self._options:
+                self._options[key] = DecodeOptions(
+                    key[0], self.limits.max_pixels, self.limits.max_decode_bytes, key[1] == "exact"
                 )
+            return self._options[key]
+        if which not in self._options:
+            own = (await self._describe(which))["image_size"]  # a fine-tune's crop, when known
+            given = self.limits.image_size
+            size = (given or own if which == "embed" else own or given) or DEFAULT_SIZE
+            self._options[which] = DecodeOptions(
+                (size, size), self.limits.max_pixels, self.limits.max_decode_bytes, self.limits.exact
+            )
         return self._options[which]
 
     async def _pixels(self, data: bytes, which: str) -> np.ndarray:
@@ -134,9 +182,16 @@ class Ingress:
         body = await read_body(request, self.limits.max_bytes)
         return image_bytes(body, request.headers.get("content-type"))
 
+    async def _embed(self, data: bytes) -> tuple[np.ndarray, str]:
+        """The query's vector and the model that made it: the model of the index served, when there is one."""
+        pixels = await self._pixels(data, "embed")
+        served = self._served if self.searcher is not None else None
+        want = (served["spec"], served["model"], served["since"]) if served else None
+        return await self.embedder.run.remote(pixels, want)
+
     async def _labels(self, data: bytes, k: int) -> list[dict]:
         described = await self._describe("classify")
-        probabilities = await self.classifier.run.remote(await self._pixels(data, "classify"))
+        probabilities, _ = await self.classifier.run.remote(await self._pixels(data, "classify"))
         order = np.argsort(-probabilities, kind="stable")[:k]
         return [{"label": described["labels"][i], "score": round(float(probabilities[i]), 6)} for i in order]
 
@@ -147,10 +202,9 @@ class Ingress:
     @api.post("/embed")
     async def embed(self, request: Request) -> JSONResponse:
         data = await self._image(request)
-        described = await self._describe("embed")
-        vector = await self.embedder.run.remote(await self._pixels(data, "embed"))
+        vector, model = await self._embed(data)
         # a JSONResponse as it is: FastAPI's encoder would walk the 2,048 floats one by one (1-2 ms)
-        return JSONResponse({"model": described["model"], "dim": len(vector), "embedding": vector.tolist()})
+        return JSONResponse({"model": model, "dim": len(vector), "embedding": vector.tolist()})
 
     @api.post("/classify")
     async def classify(self, request: Request) -> dict:
@@ -180,11 +234,14 @@ class Ingress:
         else:
             k = self._k(request)
             data = image_bytes(body, request.headers.get("content-type"))
-            described = await self._describe("embed")
-            vector = await self.embedder.run.remote(await self._pixels(data, "embed"))
-            neighbours = await self.searcher.by_vector.remote(vector, k, described["model"])
-            if isinstance(neighbours, str):
-                raise BadRequest(409, neighbours)
+            for fresh in (False, True):  # a query embedded as the app switched models: once more, afresh
+                await self._index_state(fresh)
+                vector, model = await self._embed(data)
+                neighbours = await self.searcher.by_vector.remote(vector, k, model)
+                if not isinstance(neighbours, str):
+                    break
+            else:
+                raise BadRequest(503, neighbours)
         answer: dict[str, Any] = {"neighbours": neighbours}
         if self.classifier is not None and isinstance(data, bytes):
             answer["labels"] = await self._labels(data, min(5, k))
@@ -203,13 +260,22 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok"}
+        """``degraded`` when the index switched to a version whose model cannot be loaded: the old version
+        is still served (by path and by image), and ``problem`` says why."""
+        served = await self._index_state(fresh=True)
+        if served is None:
+            return {"status": "ok", "model": (await self._describe("embed"))["model"]}
+        return {
+            "status": "degraded" if served["problem"] else "ok",
+            **{key: served[key] for key in ("model", "index", "pending", "problem")},
+        }
 
     @api.get("/config")
     async def config(self) -> dict:
         """What the page needs to draw itself."""
+        served = await self._index_state(fresh=True)
         return {
-            "model": (await self._describe("embed"))["model"],
+            "model": served["model"] if served else (await self._describe("embed"))["model"],
             "classifier": (await self._describe("classify"))["model"] if self.classifier else None,
             "index": self.searcher is not None,
             "k_max": self.limits.k_max,

@@ -19,7 +19,6 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from bitray.embed.sandbox import DecodeOptions
 from bitray.errors import BitrayError
 from bitray.search.index import resolve_index
 from bitray.serve.api import Ingress, Limits
@@ -59,26 +58,19 @@ def build(args: dict[str, Any] | ServeConfig) -> Application:
     """The application (also ``serve deploy``'s builder: ``args`` are ``ServeConfig`` keys)."""
     config = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
     storage_json = config.storage.model_dump_json()
-    # an output or a collection root: decode and model of its current index (the search server follows it)
+    # an output or a collection root: the model of its current index (the search server follows it, and the
+    # ingress decodes queries as the index it serves)
     index_uri = resolve_index(config.index, config.storage) if config.index else None
     header = IndexHeader.read(index_uri, config.storage) if index_uri else None
     model = config.model or (header.meta.model_spec if header else None)
     if model is None:
         raise BitrayError("bitray serve needs --model SPEC, or --index URI to serve the index's own model")
     resources = replica_resources(config)
-    decode = None
-    if header is not None:
-        decode = DecodeOptions(
-            tuple(header.meta.image_size),
-            config.max_pixels,
-            config.max_decode_mb * 2**20,
-            header.decode(config.storage) == "exact",
-        )
     embedder = _model_deployment("embedder", config, resources).bind(
         model, task="embed", threads=resources.threads, batch_size=config.batch_size,
         batch_wait_s=config.batch_wait_s, storage_json=storage_json,
         expect_model_id=header.meta.model_id if header else None,
-        warm_size=decode.size if decode else None,
+        warm_size=tuple(header.meta.image_size) if header else None,
     )  # fmt: skip
     classifier = None
     if config.classifier:
@@ -91,10 +83,14 @@ def build(args: dict[str, Any] | ServeConfig) -> Application:
         searcher = (
             serve.deployment(SearchServer)
             .options(name="search", num_replicas=1, ray_actor_options={"num_cpus": SEARCH_CPUS})
-            .bind(config.index, thumbnail_px=config.thumbnail_px, storage_json=storage_json)
+            .bind(
+                config.index,
+                thumbnail_px=config.thumbnail_px,
+                storage_json=storage_json,
+                follow_s=config.follow_s,
+            )  # fmt: skip
         )
     limits = Limits(
-        decode=decode,
         exact=config.decode == "exact",
         image_size=config.image_size,
         max_bytes=config.max_bytes,
@@ -102,6 +98,7 @@ def build(args: dict[str, Any] | ServeConfig) -> Application:
         k_default=min(config.k_default, config.k_max),
         max_pixels=config.max_pixels,
         max_decode_bytes=config.max_decode_mb * 2**20,
+        follow_s=config.follow_s,
     )
     ingress = serve.deployment(Ingress).options(
         name="ingress",

@@ -25,7 +25,10 @@ class ServeConfig(Section):
     """A fine-tuned classifier: ``savedmodel:DIR/classifier`` or ``models:/NAME@ALIAS``.
     null: no /classify."""
     index: str | None = None
-    """A bitray index (``bitray index``) for /search and /thumbnail; null: neither is served."""
+    """A bitray index (``bitray index``), an output or a collection root (``bitray outputs``) for /search and
+    /thumbnail; null: neither is served. The app follows the root's switches, models included."""
+    follow_s: float = Field(5.0, gt=0, le=3600)
+    """How often the app looks for a new index generation or a switch of the collection's version."""
     host: str = LOOPBACK
     """The address the HTTP proxy binds; anything but loopback exposes the API (a warning says so)."""
     port: int = Field(8000, ge=1, le=65535)
