@@ -42,7 +42,8 @@ TIMEOUT_S = 600
 
 # One scheduler tick in a process of its own, at a given clock: the one the test SIGKILLs.
 TICK = """
-import json, sys
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
 from datetime import datetime
 from bitray.jobs import Jobs
 from bitray.schedule import Scheduler
@@ -116,8 +117,10 @@ def test_a_finetune_moves_the_champion_and_both_outputs_follow_it(
     for where, images in (("local", local_images), ("s3", s3_images)):
         extra = {"storage": {"s3_endpoint": s3_server}} if where == "s3" else {}
         # half a CPU per actor: two jobs' actors and a decode task fit the head's 2 CPUs side by side
+        # and both schedules' backfills at once (the limit counts backfill jobs on the whole cluster)
         mapping = tiny_embed_config(images, roots[where], model="models:/tiny@champion", cpus_per_actor=0.5,
-                                    gate={"labels": images, "tolerance": 0.01}, **extra)  # fmt: skip
+                                    max_concurrent_backfills=2, gate={"labels": images, "tolerance": 0.01},
+                                    **extra)  # fmt: skip
         configs[where] = tmp_path / f"{where}.yaml"
         configs[where].write_text(yaml.safe_dump(mapping))
         states[where] = str(tmp_path / f"{where}-state.json")
@@ -134,14 +137,11 @@ def test_a_finetune_moves_the_champion_and_both_outputs_follow_it(
     def job_of(where: str, version: str) -> str | None:
         return Collection(roots[where], s3_storage).record(version).job
 
-    # 10:00: a window of each schedule makes its output with the champion of now, version 1
+    # 10:00: a window of each schedule makes its output with the champion of now, version 1; meanwhile a
+    # fine-tune on the digits registers version 3 and, on merit, moves the champion to it (at its very end,
+    # long after the windows' jobs resolved the alias: the model check below would catch the contrary)
     schedulers = {where: scheduler(where) for where in roots}
     windows = [schedulers[where].tick()[0].submission_id for where in roots]
-    wait_all(jobs, *windows)
-    for root in roots.values():
-        assert outputs.settings(root, s3_storage).model == "models:/tiny/1"
-
-    # a fine-tune on the digits registers version 3 and, on merit, moves the champion to it
     finetune = tmp_path / "finetune.yaml"
     finetune.write_text(yaml.safe_dump({
         "data": local_images, "output": str(tmp_path / "model"), "model": "random:tiny", "workers": 1,
@@ -149,7 +149,9 @@ def test_a_finetune_moves_the_champion_and_both_outputs_follow_it(
         "eval_every": 40, "max_failures": 0, "storage_path": str(tmp_path / "runs"), "tracking_uri": tracking,
         "name": "loop", "registered_model": "tiny",
     }))  # fmt: skip
-    wait_all(jobs, jobs.submit("finetune", finetune, env=env))
+    wait_all(jobs, *windows, jobs.submit("finetune", finetune, env=env))
+    for root in roots.values():
+        assert outputs.settings(root, s3_storage).model == "models:/tiny/1"
     assert model_registry.alias_holder(tracking, "tiny", "champion")[0] == "3"
 
     # 10:01: the local schedule notices and starts the backfill of version tiny-3; the S3 scheduler is
