@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bitray import outputs
+from bitray import outputs, testhooks
 from bitray.collection import Collection, GateResult, Version, name_for, now
 from bitray.config import EmbedConfig
 from bitray.embed.settings import resolved_model
@@ -188,6 +188,9 @@ class Backfills:
             pass  # submitted by an earlier scheduler: watch that job instead
         except BitrayError as exc:
             return Step(name, "failed", f"submission failed: {exc}", job)
+        # a scheduler killed here leaves a submitted job its record does not name: the next tick's
+        # resubmission of the same id is refused, and it watches that job instead
+        testhooks.kill_at(testhooks.SCHEDULER_KILL_AT, "backfill-submitted")
         self.collection.update(name, job=job, **({"caught_up": True} if caught_up else {}))
         return Step(name, outcome, why, job)
 

@@ -22,7 +22,11 @@ INDEX_KILL_AFTER = "BITRAY_TEST_INDEX_KILL_AFTER"
 (``bitray.search.shards``)."""
 SHARD_CRASH = "BITRAY_TEST_SHARD_CRASH"
 """A marker path: the task building shard number 1 exits once (creating the marker) before its commit."""
+SCHEDULER_KILL_AT = "BITRAY_TEST_SCHEDULER_KILL_AT"
+"""A point's name: the scheduler kills itself (SIGKILL) when it gets there. ``backfill-submitted``: a
+backfill job was just submitted and the version's record does not name it yet (``bitray.backfill``)."""
 HOOKS = (DECODER_CRASH_MARKER, MODEL_CRASH_COLOUR, INDEX_KILL_AFTER, SHARD_CRASH)
+"""The hooks a driver forwards to the processes it starts (the scheduler's hook stays with the scheduler)."""
 
 
 def value(hook: str) -> str | None:
@@ -47,3 +51,9 @@ def exit_once(hook: str, code: int = 3) -> None:
 def kill_self() -> None:
     """SIGKILL this process: a driver dying at a chosen point."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_at(hook: str, point: str) -> None:
+    """SIGKILL this process when the hook names ``point``."""
+    if value(hook) == point:
+        kill_self()

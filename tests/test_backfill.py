@@ -2,13 +2,14 @@
 own Ray job while windows keep the current version up to date, then caught up, gated and switched.
 
 Real local Ray head and job server, real MLflow sqlite registry (two versions of a tiny exported model), an
-injected clock as in ``test_schedule.py``.
+injected clock as in ``test_schedule.py``. The whole loop from a real fine-tune (backfill, catch-up, gate,
+switch, a killed scheduler, a failing gate) is ``test_loop.py``; here: a killed backfill driver, the limit on
+concurrent backfills and an overtaken backfill.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,7 +17,6 @@ from cluster_fixtures import tiny_embed_config
 from test_embed_settings import registry  # noqa: F401 - the fixture
 from test_schedule import Clock, write_png
 
-from bitray import outputs
 from bitray.backfill import Backfills
 from bitray.collection import Collection
 from bitray.config import EmbedConfig, load_config
@@ -32,73 +32,6 @@ EVERY_5_MIN = "*/5 * * * *"
 
 def at(minutes: float) -> datetime:
     return T0 + timedelta(minutes=minutes)
-
-
-def test_a_moved_alias_is_backfilled_caught_up_gated_and_switched(ray_head, registry, tmp_path):  # noqa: F811
-    from bitray.model import registry as model_registry
-
-    images, root = tmp_path / "images", tmp_path / "emb"
-    for n in range(4):
-        (images / f"c{n % 2}").mkdir(parents=True, exist_ok=True)
-        write_png(images / f"c{n % 2}" / f"{n}.png", n)
-    config = tmp_path / "nightly.yaml"
-    gate = {"labels": str(images), "tolerance": 0.01}
-    config.write_text(yaml.safe_dump(tiny_embed_config(str(images), str(root), model="models:/tiny@champion",
-                                                       gate=gate)))  # fmt: skip
-    jobs = Jobs(ray_head)
-    clock = Clock(at(0))
-
-    def scheduler(state: str = "state.json") -> Scheduler:
-        env = {"MLFLOW_TRACKING_URI": registry["uri"]}
-        return Scheduler(EVERY_5_MIN, config, jobs, state_uri=str(tmp_path / state), clock=clock,
-                         env=env, tracking_uri=registry["uri"])  # fmt: skip
-
-    # window 10:00 makes the output with version 1 of the model: no backfill while nothing is current
-    first = scheduler()
-    window = first.tick()[0].submission_id
-    assert jobs.wait(window, timeout_s=300).status == "SUCCEEDED"
-    clock.now = at(1)
-    first.tick()
-    assert outputs.settings(str(root)).model == "models:/tiny/1"
-
-    # a fine-tune promotes version 2 and an image arrives: the next tick starts the backfill, once
-    model_registry.set_alias(registry["uri"], "tiny", "champion", "2")
-    write_png(images / "c0" / "4.png", 4)
-    clock.now = at(2)
-    first.tick()
-    [version] = [v for v in Collection(str(root)).versions() if v.name != "v0"]
-    assert (version.name, version.state, version.record.resolved) == (
-        "tiny-2",
-        "backfilling",
-        "models:/tiny/2",
-    )
-    backfill = version.record.job
-    assert backfill == f"bitray-backfill-{first.digest}-tiny-2-1"
-    scheduler("lost-state.json").backfills.tick()  # a second scheduler: watches, starts nothing new
-    assert Collection(str(root)).record("tiny-2").job == backfill
-    # meanwhile window 10:05 keeps the current version up to date, with the current model
-    clock.now = at(5)
-    window = next(e.submission_id for e in first.tick() if e.outcome == "submitted")
-    assert jobs.wait(backfill, timeout_s=300).status == "SUCCEEDED"
-    assert jobs.wait(window, timeout_s=300).status == "SUCCEEDED"
-    assert outputs.data_path(str(root)) == str(root)  # not switched yet
-    assert outputs.counts(str(root))[0] == 5 and outputs.settings(str(root)).model == "models:/tiny/1"
-
-    # the backfill is done: a catch-up pass, then gate (same weights: equal scores) and switch
-    write_png(images / "c1" / "5.png", 5)  # arrived during the backfill
-    clock.now = at(6)
-    first.tick()
-    catch_up = Collection(str(root)).record("tiny-2").job
-    assert catch_up.endswith("-tiny-2-2")
-    assert jobs.wait(catch_up, timeout_s=300).status == "SUCCEEDED"
-    clock.now = at(7)
-    first.tick()
-    switched = Collection(str(root)).current()
-    assert switched.name == "tiny-2" and switched.record.gate.passed
-    assert outputs.data_path(str(root)) == str(root / "versions" / "tiny-2")
-    assert outputs.settings(str(root)).model == "models:/tiny/2"
-    assert outputs.counts(str(root))[0] == 6  # every image, the late one too
-    assert (Path(switched.uri) / "_index" / "index.json").exists()
 
 
 def test_a_killed_backfill_is_resubmitted_and_an_overtaken_one_abandoned(ray_head, registry, tmp_path):  # noqa: F811
