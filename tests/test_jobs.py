@@ -143,42 +143,6 @@ def test_submit_embed_job_from_s3_to_s3(ray_head, s3_server, s3_bucket, capsys, 
 
 
 @pytest.mark.slow
-def test_submit_finetune_job_logs_to_mlflow(ray_head, mlflow_tracking_uri, tmp_path):
-    from mlflow import MlflowClient
-
-    data = tmp_path / "data"
-    for label, base in (("cat", 0), ("dog", 100)):
-        (data / label).mkdir(parents=True)
-        for i in range(6):
-            (data / label / f"{i}.png").write_bytes(png(base + i, size=32))
-    config = write_yaml(
-        tmp_path / "finetune.yaml",
-        {
-            "data": str(data),
-            "output": str(tmp_path / "model"),
-            "model": "random:tiny",
-            "workers": 1,
-            "steps": 5,
-            "batch_size": 4,
-            "resize": 32,
-            "crop": 32,
-            "checkpoint_every": 5,
-            "eval_every": 5,
-            "max_failures": 0,
-            "storage_path": str(tmp_path / "runs"),
-            "tracking_uri": mlflow_tracking_uri,
-            "name": "job-test",
-        },
-    )
-    info = submit("finetune", config, ray_head, wait=True)
-    assert info.status == "SUCCEEDED"
-    assert (tmp_path / "model" / "feature_vector" / "saved_model.pb").is_file()
-    client = MlflowClient(tracking_uri=mlflow_tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("bitray-finetune").experiment_id])
-    assert [r.info.status for r in runs] == ["FINISHED"]
-
-
-@pytest.mark.slow
 def test_status_logs_stop_on_a_running_job_and_reused_id(ray_head, capsys, tmp_path):
     jobs = Jobs(ray_head)
     job_id = jobs.client.submit_job(
