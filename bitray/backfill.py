@@ -60,8 +60,8 @@ class Step:
 
     version: str
     outcome: str
-    """``started``, ``resubmitted``, ``catching up``, ``switched``, ``gate failed``, ``abandoned``,
-    ``waiting`` (a limit) or ``failed``."""
+    """``started``, ``resubmitted``, ``found`` (a job submitted before, not yet recorded), ``catching up``,
+    ``switched``, ``gate failed``, ``abandoned``, ``waiting`` (a limit) or ``failed``."""
     reason: str = ""
     job: str | None = None
 
@@ -184,8 +184,8 @@ class Backfills:
         try:
             self.jobs.submit("embed", self.config_path, submission_id=job, env=self.env, overrides=overrides,
                              metadata={BACKFILL_TAG: name})  # fmt: skip
-        except SubmissionIdTaken:
-            pass  # submitted by an earlier scheduler: watch that job instead
+        except SubmissionIdTaken:  # submitted by a scheduler that stopped before recording it: watch it
+            outcome, why = "found", f"{job} was already submitted; watching it"
         except BitrayError as exc:
             return Step(name, "failed", f"submission failed: {exc}", job)
         # a scheduler killed here leaves a submitted job its record does not name: the next tick's

@@ -170,7 +170,8 @@ def test_a_finetune_moves_the_champion_and_both_outputs_follow_it(
     first = f"bitray-backfill-{s3_digest}-tiny-3-1"
     assert job_of("s3", "tiny-3") is None and jobs.status(first).submission_id == first
     schedulers["s3"] = scheduler("s3")  # a fresh scheduler: watches that job, starts no other
-    tick(1, "s3")
+    [found] = schedulers["s3"].backfills.tick()
+    assert (found.version, found.outcome, found.job) == ("tiny-3", "found", first)
     assert job_of("s3", "tiny-3") == first
     backfills = {where: job_of(where, "tiny-3") for where in roots}
     assert backfills["local"] == f"bitray-backfill-{schedulers['local'].digest}-tiny-3-1"
